@@ -1,0 +1,56 @@
+# make test  : create .venv, install torch + build deps, build attnkit, run pytest
+# make bench : same set-up, then python -m attnkit.bench
+# PYTHON=python3 make test : skip the venv and use that interpreter's torch (e.g. on a GPU box).
+
+PYTHON ?=
+VENV   := .venv
+JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
+TORCH_SPEC ?= torch>=2.10,<2.15
+BUILD_DEPS := scikit-build-core>=0.10 ninja cmake>=3.26 pytest hypothesis numpy expecttest pytest-benchmark matplotlib rich
+
+ifeq ($(strip $(PYTHON)),)
+PY    := $(VENV)/bin/python
+SETUP := $(VENV)/.attnkit-setup
+else
+PY    := $(PYTHON)
+SETUP :=
+endif
+
+export CMAKE_BUILD_PARALLEL_LEVEL := $(JOBS)
+export MAX_JOBS := $(JOBS)
+
+.PHONY: all build test bench clean info dev devtest
+
+all: build
+
+$(VENV)/.attnkit-setup: pyproject.toml Makefile
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" $(BUILD_DEPS)
+	touch $@
+
+build: $(SETUP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps .
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m attnkit.bench
+
+info: build
+	$(PY) -m attnkit.info
+
+# Developer loop: build in build/dev and drop _C next to the sources; run with PYTHONPATH=python.
+# ATTNKIT_CUDA=off make dev  skips the (slow) CUDA compile while iterating on CPU code.
+dev: $(SETUP)
+	$(PY) -m cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$$($(PY) -c 'import sys; print(sys.executable)') \
+	  -DATTNKIT_CUDA=$${ATTNKIT_CUDA:-auto} -DATTNKIT_CUDA_ARCHS="$${ATTNKIT_CUDA_ARCHS:-8.0;9.0}"
+	$(PY) -m cmake --build build/dev -j $(JOBS)
+	cp build/dev/_C*.so python/attnkit/
+
+devtest: dev
+	PYTHONPATH=python $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist bench-results

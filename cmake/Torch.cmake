@@ -1,0 +1,88 @@
+# Find torch through the running interpreter and decide whether CUDA is built.
+execute_process(
+  COMMAND "${Python_EXECUTABLE}" -c "import torch, os; print(torch.utils.cmake_prefix_path); print(torch.version.cuda or ''); print(os.path.dirname(os.path.dirname(torch.__file__)))"
+  OUTPUT_VARIABLE _torch_info OUTPUT_STRIP_TRAILING_WHITESPACE
+  RESULT_VARIABLE _torch_rc)
+if(NOT _torch_rc EQUAL 0)
+  message(FATAL_ERROR "attnkit: cannot import torch from ${Python_EXECUTABLE}; install torch first "
+                      "and build with --no-build-isolation")
+endif()
+string(REPLACE "\n" ";" _torch_info "${_torch_info}")
+list(GET _torch_info 0 _torch_prefix)
+list(GET _torch_info 1 _torch_cuda)
+list(GET _torch_info 2 _site_packages)
+list(APPEND CMAKE_PREFIX_PATH "${_torch_prefix}")
+
+set(ATTNKIT_WITH_CUDA OFF)
+string(TOLOWER "${ATTNKIT_CUDA}" _mode)
+if(NOT _mode STREQUAL "off")
+  if(NOT _torch_cuda)
+    if(_mode STREQUAL "on")
+      message(FATAL_ERROR "attnkit: ATTNKIT_CUDA=on but torch is a CPU-only build")
+    endif()
+  else()
+    include(CheckLanguage)
+    if(NOT CMAKE_CUDA_COMPILER AND EXISTS /usr/local/cuda/bin/nvcc)
+      set(CMAKE_CUDA_COMPILER /usr/local/cuda/bin/nvcc)
+    endif()
+    check_language(CUDA)
+    if(CMAKE_CUDA_COMPILER)
+      set(ATTNKIT_WITH_CUDA ON)
+    elseif(_mode STREQUAL "on")
+      message(FATAL_ERROR "attnkit: ATTNKIT_CUDA=on but nvcc was not found")
+    endif()
+  endif()
+endif()
+
+if(ATTNKIT_WITH_CUDA)
+  # Arches "8.0;9.0" reach nvcc through torch's TORCH_CUDA_ARCH_LIST (-gencode per arch); torch's
+  # own default list holds arches nvcc 13 rejects, so it is always set from ours.
+  set(ENV{TORCH_CUDA_ARCH_LIST} "${ATTNKIT_CUDA_ARCHS}")
+  set(TORCH_CUDA_ARCH_LIST "${ATTNKIT_CUDA_ARCHS}")
+  set(CMAKE_CUDA_STANDARD 20)
+  set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+  enable_language(CUDA)
+  # torch's config still uses the legacy FindCUDA; point it at the toolkit nvcc belongs to.
+  get_filename_component(_cuda_bin "${CMAKE_CUDA_COMPILER}" REALPATH)
+  get_filename_component(_cuda_bin "${_cuda_bin}" DIRECTORY)
+  get_filename_component(_cuda_root "${_cuda_bin}" DIRECTORY)
+  if(NOT CUDA_TOOLKIT_ROOT_DIR)
+    set(CUDA_TOOLKIT_ROOT_DIR "${_cuda_root}" CACHE PATH "CUDA toolkit root")
+  endif()
+  # torch's CMake config wants nvrtc; the toolkit here may lack it, the pip wheel has it.
+  if(NOT CUDA_nvrtc_LIBRARY)
+    find_library(_nvrtc NAMES nvrtc PATHS ${CMAKE_CUDA_IMPLICIT_LINK_DIRECTORIES} NO_DEFAULT_PATH)
+    if(NOT _nvrtc)
+      file(GLOB _nvrtc "${_site_packages}/nvidia/cu13/lib/libnvrtc.so*" "${_site_packages}/nvidia/cuda_nvrtc/lib/libnvrtc.so*")
+      list(SORT _nvrtc)
+      list(GET _nvrtc 0 _nvrtc)
+    endif()
+    if(_nvrtc)
+      set(CUDA_nvrtc_LIBRARY "${_nvrtc}" CACHE FILEPATH "nvrtc for torch's config")
+    endif()
+  endif()
+  string(REPLACE ";" "," ATTNKIT_CUDA_ARCHS_USED "${ATTNKIT_CUDA_ARCHS}")
+  find_package(Torch REQUIRED)
+else()
+  set(ATTNKIT_CUDA_ARCHS_USED "")
+  # A CUDA build of torch's CMake config insists on a CUDA toolkit, even for CPU-only code. The CPU
+  # build needs only torch's headers and its C++ libraries, so take them straight from the package.
+  execute_process(
+    COMMAND "${Python_EXECUTABLE}" -c "import torch, os; print(os.path.dirname(torch.__file__)); print(int(torch.compiled_with_cxx11_abi()))"
+    OUTPUT_VARIABLE _tinfo OUTPUT_STRIP_TRAILING_WHITESPACE)
+  string(REPLACE "\n" ";" _tinfo "${_tinfo}")
+  list(GET _tinfo 0 _torch_dir)
+  list(GET _tinfo 1 _torch_abi)
+  set(TORCH_LIBRARIES "")
+  foreach(_lib c10 torch_cpu torch)
+    find_library(_torch_lib_${_lib} NAMES ${_lib} PATHS "${_torch_dir}/lib" NO_DEFAULT_PATH REQUIRED)
+    list(APPEND TORCH_LIBRARIES "${_torch_lib_${_lib}}")
+  endforeach()
+  add_library(attnkit_torch_cpu INTERFACE)
+  target_include_directories(attnkit_torch_cpu INTERFACE
+    "${_torch_dir}/include" "${_torch_dir}/include/torch/csrc/api/include")
+  target_compile_definitions(attnkit_torch_cpu INTERFACE _GLIBCXX_USE_CXX11_ABI=${_torch_abi})
+  target_link_libraries(attnkit_torch_cpu INTERFACE ${TORCH_LIBRARIES})
+  set(TORCH_LIBRARIES attnkit_torch_cpu)
+endif()
+message(STATUS "attnkit: torch at ${_torch_prefix}, torch CUDA '${_torch_cuda}', CUDA kernels: ${ATTNKIT_WITH_CUDA} (${ATTNKIT_CUDA_ARCHS_USED})")

@@ -1,0 +1,108 @@
+// The flash-attention core's parameters: one torch-free POD struct shared by the forward and the
+// backward kernels and by every op that runs on the core (SQA, DMA, routing).
+//
+// Conventions
+// - Strides are in elements and 64-bit. Rows are sequence positions; the head dim is contiguous.
+// - "Output heads": h_out = max(h_q, h_kv). Output head h reads query head h / q_group and
+//   KV head h / kv_group (exactly one of the groups is > 1, or both are 1).
+// - Segments (routing): grid.z runs over batch * num_segments. Inside a segment the kernel sees
+//   seqlen_q query rows and seqlen_k key rows. Query row i of segment s reads q row
+//   q_index[b, h, s, i] (or s * seqlen_q + i without an index); key column j reads k/v row
+//   k_index[b, h, s, j]. Outputs (o, lse, dq_accum, dk, dv, delta) live in "segment space":
+//   row s * seqlen_q + i (or s * seqlen_k + j for dk/dv), i.e. segments are stacked along the row axis.
+// - Positions used by the causal / window / self masks are the gathered row numbers when an index
+//   is given, else the row numbers themselves.
+// - Visibility of key column j for query row i (positions pi, pj, shift = seqlen_k - seqlen_q when no
+//   index is given, 0 otherwise):
+//     causal:      pj <= pi + shift            (bottom-right aligned, as FlashAttention)
+//     window_left: pj >= pi + shift - window_left   (when window_left >= 0)
+//     kept:        bias[j] > row_thr[i] || (bias[j] == row_thr[i] && j <= row_tie[i])   (when row_thr)
+//   Score: s_ij = scale * q_i.k_j + bias[row i][j] (when bias), or self_score when self_mask && pi == pj.
+//   A row with no visible key yields o = 0 and lse = -inf; its gradients are 0.
+#pragma once
+#include <cstdint>
+
+namespace attnkit::flash {
+
+struct FlashParams {
+  // ---- shapes ----
+  int batch;
+  int num_segments;  // 1 unless the op gathers segments (routing)
+  int seqlen_q;      // query rows per (batch, segment)
+  int seqlen_k;      // key rows per (batch, segment)
+  int h_q, h_kv, h_out;
+  int head_dim;
+  int q_group;   // h_out / h_q
+  int kv_group;  // h_out / h_kv
+
+  // ---- inputs ----
+  const void* q;
+  const void* k;
+  const void* v;
+  int64_t q_batch_stride, q_row_stride, q_head_stride;
+  int64_t k_batch_stride, k_row_stride, k_head_stride;
+  int64_t v_batch_stride, v_row_stride, v_head_stride;
+
+  // ---- forward outputs ----
+  void* o;  // [B, S*seqlen_q, h_out, D]
+  int64_t o_batch_stride, o_row_stride, o_head_stride;
+  float* lse;  // [B, h_out, S*seqlen_q], the row stride is 1
+  int64_t lse_batch_stride, lse_head_stride;
+
+  // ---- scores and masks ----
+  float scale;       // softmax scale applied to q.k
+  float scale_log2;  // scale * log2(e)
+  bool causal;
+  int window_left;  // < 0: no window
+
+  // Additive fp32 bias, element [b][h_out / bias_head_group][row i][col j]; bias_row_stride == 0
+  // broadcasts over query rows. The column stride is 1.
+  const float* bias;
+  int64_t bias_batch_stride, bias_head_stride, bias_row_stride;
+  int bias_head_group;
+
+  // Kept predicate (DMA), per query row and KV head: thresholds on the bias value of each column.
+  const float* row_thr;  // [b][kv head][row], fp32
+  const int* row_tie;    // [b][kv head][row], int32: largest column kept among bias == thr
+  int64_t thr_batch_stride, thr_head_stride;
+
+  // Tile skipping. For each (b, kv head, outer block) a count and an ascending list of inner blocks
+  // to visit. Forward: outer = query block (kBlockM rows), inner = key block (kBlockN cols).
+  // Backward: outer = key block, inner = query block. Block sizes are the kernel's (see
+  // flash_block_sizes in flash.h); the op builds one list per direction.
+  const int* active_list;   // [B][h_kv][num_outer][active_max]
+  const int* active_count;  // [B][h_kv][num_outer]
+  int active_max;
+  int num_outer_blocks;
+
+  // Gather indices (routing): [B][h_out][S][seqlen_q] and [B][h_out][S][seqlen_k], int32.
+  const int* q_index;
+  const int* k_index;
+  int64_t q_index_batch_stride, q_index_head_stride;
+  int64_t k_index_batch_stride, k_index_head_stride;
+
+  bool self_mask;    // replace the score of pi == pj by self_score (shared-QK routing)
+  float self_score;  // e.g. -5e4
+
+  // ---- backward ----
+  const void* dout;  // same layout as o
+  int64_t do_batch_stride, do_row_stride, do_head_stride;
+  float* delta;  // rowsum(dout * o), same layout as lse
+  float* dq_accum;  // fp32 [B, S*seqlen_q, h_q, D] contiguous, zeroed by the caller
+  int64_t dqa_batch_stride, dqa_row_stride, dqa_head_stride;
+  void* dq;
+  int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
+  void* dk;  // [B, S*seqlen_k, h_kv, D]
+  int64_t dk_batch_stride, dk_row_stride, dk_head_stride;
+  void* dv;
+  int64_t dv_batch_stride, dv_row_stride, dv_head_stride;
+  // d bias, fp32. Row-broadcast bias: dbias[b][head][col] = sum over rows and over the output heads
+  // of that bias head, which must lie in one KV head's group (bias_head_group divides kv_group or
+  // equals 1). Per-row bias: dbias[b][h_out][row][col] = dS, requires bias_head_group == 1.
+  float* dbias;
+  int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride;
+
+  bool is_bf16;
+};
+
+}  // namespace attnkit::flash

@@ -1,0 +1,20 @@
+"""attnkit: hand-written CUDA kernels for efficient attention, as torch ops with autograd.
+
+Ops live in ``torch.ops.attnkit``; the checked public functions are re-exported here.
+"""
+
+from importlib import metadata as _metadata
+
+import torch  # noqa: F401  (load torch's libraries before our extension)
+
+from . import _C  # noqa: F401  (registers torch.ops.attnkit.*)
+from . import _meta  # noqa: F401  (fake/meta implementations)
+from . import _autograd  # noqa: F401  (autograd formulas)
+from .ops import sparse_query_attention
+
+try:
+    __version__ = _metadata.version("attnkit")
+except _metadata.PackageNotFoundError:  # running from a source tree (make dev)
+    __version__ = "0.0.0+dev"
+
+__all__ = ["sparse_query_attention", "__version__"]

@@ -1,0 +1,2 @@
+def sparse_query_attention(*a, **k):
+    raise NotImplementedError
