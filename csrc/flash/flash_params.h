@@ -24,6 +24,8 @@
 
 namespace attnkit::flash {
 
+enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+
 struct FlashParams {
   // ---- shapes ----
   int batch;
@@ -102,7 +104,8 @@ struct FlashParams {
   float* dbias;
   int64_t dbias_batch_stride, dbias_head_stride, dbias_row_stride;
 
-  bool is_bf16;
+  // Element type of q, k, v, o, dout, dq, dk, dv. CUDA: kFloat16 / kBFloat16. CPU: all four.
+  ElemType dtype;
 };
 
 }  // namespace attnkit::flash
