@@ -38,6 +38,25 @@ TORCH_LIBRARY(attnkit, m) {
   m.def(
       "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
+
+  // ---- Lightning attention (own kernels: csrc/lightning/) ----
+  // q, k [B, L, H, Dk], v [B, L, H, Dv]; slopes [H]; states [N, H, Dk, Dv] (N = B, or the number of
+  // sequences of cu_seqlens with B = 1). State, slopes and accumulation are fp32 (fp64 for fp64 inputs,
+  // CPU only). block_size: chunk length (0: automatic); num_splits: segments per sequence (0: automatic).
+  m.def(
+      "lightning_fwd(Tensor q, Tensor k, Tensor v, Tensor slopes, float scale, Tensor? initial_state,"
+      " Tensor? cu_seqlens, int block_size, int num_splits) -> (Tensor o, Tensor final_state)");
+  // dslopes is all zeros unless compute_dslopes; dinitial_state is always computed (it is cheap).
+  m.def(
+      "lightning_bwd(Tensor dout, Tensor? dfinal_state, Tensor q, Tensor k, Tensor v, Tensor slopes, float scale,"
+      " Tensor? initial_state, Tensor? cu_seqlens, int block_size, int num_splits, bool compute_dslopes)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dslopes, Tensor dinitial_state)");
+  // One decoding step, q/k [B, 1, H, Dk], v [B, 1, H, Dv]; state [B, H, Dk, Dv] updated in place.
+  m.def("lightning_decode_(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor slopes, float scale) -> Tensor o");
+  // The same step without mutation: returns the new state.
+  m.def(
+      "lightning_decode(Tensor q, Tensor k, Tensor v, Tensor state, Tensor slopes, float scale)"
+      " -> (Tensor o, Tensor new_state)");
 }
 
 // attnkit._C is a Python extension module only so that `import attnkit._C` loads the library;
