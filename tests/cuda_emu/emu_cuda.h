@@ -1,0 +1,263 @@
+// A small CUDA emulator for testing attnkit's kernels on a machine without a GPU.
+//
+// It runs a kernel grid block by block; inside a block every CUDA thread is a std::thread, so
+// __syncthreads() (a block barrier), __syncwarp() and warp-collective operations (ldmatrix, mma.sync,
+// shuffles: data exchanged through per-warp buffers between two warp barriers) behave as on the GPU.
+// The warp-level operations follow the PTX ISA's fragment layouts for ldmatrix.m8n8.x4(.trans) and
+// mma.m16n8k16 (f16/bf16 inputs, f32 accumulators). __half / __nv_bfloat16 round to nearest even.
+// Only what the lightning kernels use is provided. Shared memory starts filled with a garbage pattern,
+// so reading it before writing shows up in the results.
+#pragma once
+
+#include <array>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+// ---- CUDA language / runtime surface ----
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static  // blocks run one at a time, so one instance per kernel is a block's
+#define __align__(x) alignas(x)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+using cudaError_t = int;
+constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorInvalidValue = 1;
+using cudaStream_t = void*;
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+enum cudaDeviceAttr {
+  cudaDevAttrMaxSharedMemoryPerBlockOptin,
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+  cudaDevAttrMultiProcessorCount
+};
+
+namespace emu {
+// An H100-like device.
+inline int g_max_optin = 227 * 1024, g_smem_per_sm = 228 * 1024, g_sms = 132;
+inline size_t g_last_smem = 0;  // dynamic shared memory of the last launch
+}  // namespace emu
+
+template <class F>
+inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
+  return bytes <= emu::g_max_optin ? cudaSuccess : cudaErrorInvalidValue;
+}
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaGetDevice(int* d) {
+  *d = 0;
+  return cudaSuccess;
+}
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? emu::g_max_optin
+       : a == cudaDevAttrMaxSharedMemoryPerMultiprocessor ? emu::g_smem_per_sm
+                                                         : emu::g_sms;
+  return cudaSuccess;
+}
+
+// ---- 16-bit floats ----
+struct __half {
+  uint16_t bits;
+};
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __half2float(__half h) {
+  _Float16 f;
+  std::memcpy(&f, &h.bits, 2);
+  return float(f);
+}
+inline __half __float2half_rn(float x) {
+  const _Float16 f = static_cast<_Float16>(x);
+  __half h;
+  std::memcpy(&h.bits, &f, 2);
+  return h;
+}
+inline float __bfloat162float(__nv_bfloat16 b) {
+  const uint32_t u = uint32_t(b.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  __nv_bfloat16 b;
+  if (std::isnan(x)) {
+    b.bits = 0x7fc0;
+  } else {
+    u += 0x7fffu + ((u >> 16) & 1u);
+    b.bits = uint16_t(u >> 16);
+  }
+  return b;
+}
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+
+namespace emu {
+
+struct Idx {
+  unsigned x, y, z;
+};
+
+struct Block {
+  std::unique_ptr<std::barrier<>> bar;
+  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  std::vector<std::array<uint64_t, 32 * 8>> xch;  // per warp: 8 exchange slots per lane
+  std::vector<char> smem;
+  char* smem_aligned = nullptr;
+};
+
+inline thread_local Idx t_thread{0, 0, 0};
+inline thread_local Idx t_block{0, 0, 0};
+inline thread_local int t_linear = 0;
+inline thread_local Block* t_blk = nullptr;
+inline Idx g_block_dim{1, 1, 1}, g_grid_dim{1, 1, 1};
+
+inline char* dynamic_smem() { return t_blk->smem_aligned; }
+inline int lane() { return t_linear & 31; }
+inline int warp() { return t_linear >> 5; }
+inline void warp_sync() { t_blk->warp_bar[warp()]->arrive_and_wait(); }
+inline uint64_t* xch(int w, int l) { return &t_blk->xch[w][l * 8]; }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row (l % 8) of
+// matrix (l / 8); register i gets matrix i's elements (row l/4, cols 2(l%4), 2(l%4)+1), or with
+// .trans the elements (rows 2(l%4), 2(l%4)+1, col l/4), low element in the low half.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
+  const int w = warp(), l = lane();
+  xch(w, l)[0] = reinterpret_cast<uint64_t>(p);
+  warp_sync();
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint16_t* row = reinterpret_cast<const uint16_t*>(xch(w, i * 8 + (l >> 2))[0]);
+      lo = row[2 * (l & 3)];
+      hi = row[2 * (l & 3) + 1];
+    } else {
+      const uint16_t* r0 = reinterpret_cast<const uint16_t*>(xch(w, i * 8 + 2 * (l & 3))[0]);
+      const uint16_t* r1 = reinterpret_cast<const uint16_t*>(xch(w, i * 8 + 2 * (l & 3) + 1)[0]);
+      lo = r0[l >> 2];
+      hi = r1[l >> 2];
+    }
+    r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+  }
+  warp_sync();
+}
+
+template <typename T>
+inline float half_bits_to_float(uint16_t b) {
+  T x;
+  x.bits = b;
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(x);
+  else
+    return __bfloat162float(x);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: with g = lane / 4, t = lane % 4,
+//   A: a0,a1 (g, 2t..2t+1), a2,a3 (g+8, 2t..), a4,a5 (g, 2t+8..), a6,a7 (g+8, 2t+8..)
+//   B: b0,b1 (rows 2t..2t+1, col g), b2,b3 (rows 2t+8..2t+9, col g)
+//   C: c0,c1 (g, 2t..2t+1), c2,c3 (g+8, 2t..2t+1)
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const int w = warp(), l = lane();
+  uint64_t* mine = xch(w, l);
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b[0];
+  mine[5] = b[1];
+  warp_sync();
+  float A[16][16], B[16][8];
+  for (int ln = 0; ln < 32; ++ln) {
+    const uint64_t* x = xch(w, ln);
+    const int g = ln >> 2, t = ln & 3;
+    auto el = [&](int reg, int half) { return half_bits_to_float<T>(uint16_t(uint32_t(x[reg]) >> (16 * half))); };
+    A[g][2 * t] = el(0, 0);
+    A[g][2 * t + 1] = el(0, 1);
+    A[g + 8][2 * t] = el(1, 0);
+    A[g + 8][2 * t + 1] = el(1, 1);
+    A[g][2 * t + 8] = el(2, 0);
+    A[g][2 * t + 9] = el(2, 1);
+    A[g + 8][2 * t + 8] = el(3, 0);
+    A[g + 8][2 * t + 9] = el(3, 1);
+    B[2 * t][g] = el(4, 0);
+    B[2 * t + 1][g] = el(4, 1);
+    B[2 * t + 8][g] = el(5, 0);
+    B[2 * t + 9][g] = el(5, 1);
+  }
+  warp_sync();
+  const int g = l >> 2, t = l & 3;
+  for (int x = 0; x < 4; ++x) {
+    const int row = g + (x >> 1) * 8, col = 2 * t + (x & 1);
+    float s = c[x];
+    for (int k = 0; k < 16; ++k) s += A[row][k] * B[k][col];
+    c[x] = s;
+  }
+}
+
+inline float warp_sum(float v) {
+  const int w = warp(), l = lane();
+  std::memcpy(xch(w, l), &v, 4);
+  warp_sync();
+  float s = 0.f;
+  for (int ln = 0; ln < 32; ++ln) {
+    float x;
+    std::memcpy(&x, xch(w, ln), 4);
+    s += x;
+  }
+  warp_sync();
+  return s;
+}
+
+template <class... KArgs, class... Args>
+cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
+  const int nthreads = int(block.x * block.y * block.z);
+  const int nwarps = (nthreads + 31) / 32;
+  g_block_dim = {block.x, block.y, block.z};
+  g_grid_dim = {grid.x, grid.y, grid.z};
+  g_last_smem = smem;
+  if (nthreads % 32 != 0) return cudaErrorInvalidValue;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        Block blk;
+        blk.bar = std::make_unique<std::barrier<>>(nthreads);
+        for (int w = 0; w < nwarps; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+        blk.xch.resize(nwarps);
+        blk.smem.assign(smem + 64, char(0xCD));
+        blk.smem_aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blk.smem.data()) + 63) / 64 * 64);
+        std::vector<std::thread> threads;
+        threads.reserve(nthreads);
+        for (int t = 0; t < nthreads; ++t) {
+          threads.emplace_back([&, t] {
+            t_linear = t;
+            t_thread = {unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y)};
+            t_block = {bx, by, bz};
+            t_blk = &blk;
+            kernel(args...);
+          });
+        }
+        for (auto& th : threads) th.join();
+      }
+  return cudaSuccess;
+}
+
+}  // namespace emu
+
+#define threadIdx (::emu::t_thread)
+#define blockIdx (::emu::t_block)
+#define blockDim (::emu::g_block_dim)
+#define gridDim (::emu::g_grid_dim)
+inline void __syncthreads() { emu::t_blk->bar->arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
+inline float __expf(float x) { return std::exp(x); }
+using std::exp;
+
