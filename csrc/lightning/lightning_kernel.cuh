@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "lightning/lightning_params.h"
 
@@ -37,6 +38,9 @@
 namespace attnkit::lightning::kern {
 
 constexpr int kMaxBv = 64;  // o' columns per block at most (8 MMA n-tiles)
+// Derivative-mode weights (i - j) lambda^(i-j-1) reach 63x the values they weight; they enter the
+// 16-bit MMA operands divided by 64 (exact) and the fp32 products are multiplied back.
+constexpr float kDerivDown = 1.f / 64.f, kDerivUp = 64.f;
 
 // ------------------------------------------------------------------------------------------------
 // Element conversion
@@ -130,6 +134,11 @@ LT_DEV float warp_sum(float x) {
   for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
   return x;
 }
+LT_DEV float warp_max(float x) {
+#pragma unroll
+  for (int m = 16; m > 0; m >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, m));
+  return x;
+}
 LT_DEV void copy16(void* dst, const void* src) { *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src); }
 LT_DEV void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
 #else
@@ -140,6 +149,7 @@ LT_DEV void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[
   ::emu::mma_m16n8k16<T>(c, a, b);
 }
 LT_DEV float warp_sum(float x) { return ::emu::warp_sum(x); }
+LT_DEV float warp_max(float x) { return ::emu::warp_max(x); }
 LT_DEV void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
 LT_DEV void zero16(void* dst) { std::memset(dst, 0, 16); }
 #endif
@@ -188,12 +198,12 @@ struct Mma {  // 16-bit: ldmatrix + mma.sync
     f[1].r[0] = x[2];
     f[1].r[1] = x[3];
   }
-  // One n-tile of B[k][n] = s[k * ld + n] from fp32 shared memory, rounded to T.
-  static LT_DEV void ld_b_f32(FB& f, const float* s, int ld, int k0, int n0) {
+  // One n-tile of B[k][n] = sc * s[k * ld + n] from fp32 shared memory, rounded to T.
+  static LT_DEV void ld_b_f32(FB& f, const float* s, int ld, int k0, int n0, float sc) {
     const int l = lane_id(), g = l >> 2, t = l & 3;
     const float* p = s + (k0 + 2 * t) * ld + n0 + g;
-    f.r[0] = pack2<T>(p[0], p[ld]);
-    f.r[1] = pack2<T>(p[8 * ld], p[9 * ld]);
+    f.r[0] = pack2<T>(sc * p[0], sc * p[ld]);
+    f.r[1] = pack2<T>(sc * p[8 * ld], sc * p[9 * ld]);
   }
   static LT_DEV void mma(float (&c)[4], const FA& a, const FB& b) { mma16816<T>(c, a.r, b.r); }
 };
@@ -224,7 +234,7 @@ struct Mma<float> {  // fp32: the operands stay in shared memory, the "mma" is 6
     f[0] = {s + k0 * ld + n0 + 2 * t, 1, ld};
     f[1] = {s + k0 * ld + n0 + 8 + 2 * t, 1, ld};
   }
-  static LT_DEV void ld_b_f32(FB& f, const float* s, int ld, int k0, int n0) {
+  static LT_DEV void ld_b_f32(FB& f, const float* s, int ld, int k0, int n0, float) {
     f = {s + k0 * ld + n0 + 2 * (lane_id() & 3), 1, ld};
   }
   static LT_DEV void mma(float (&c)[4], const FA& a, const FB& b) {
@@ -335,6 +345,17 @@ LT_DEV float& state_at(const StateTensor& s, int n, int h, int r, int c) {
   return static_cast<float*>(s.ptr)[n * s.n_stride + h * s.h_stride + r * s.r_stride + c * s.c_stride];
 }
 
+// fp16 keeps the fp32 states' range only up to 65504: before a state is rounded to fp16 for the
+// q'.S product it is scaled by a power of two that brings its largest magnitude to <= 2^13 (the
+// product is scaled back in fp32). bf16 and fp32 need no scaling.
+template <typename T>
+LT_DEV float state_scale(float max_abs) {
+  if constexpr (std::is_same_v<T, __half>) {
+    if (max_abs > 8192.f) return exp2f(-ceilf(log2f(max_abs * (1.f / 8192.f))));
+  }
+  return 1.f;
+}
+
 // phase 0: state-only (each non-last segment's local state from zero into seg_state);
 // phase 1: main (outputs, final state, d lambda partials).
 template <typename T, int BT>
@@ -367,7 +388,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
   T* sVd2 = reinterpret_cast<T*>(smem + L.off_vd2);
   T* sPd = reinterpret_cast<T*>(smem + L.off_pd);
   float* sPow = reinterpret_cast<float*>(smem + L.off_pow);
-  float* sRed = reinterpret_cast<float*>(smem + L.off_red);
+  float* sRed = reinterpret_cast<float*>(smem + L.off_red);  // 32 floats: state maxima, then d lambda
 
   const int tid = int(threadIdx.x), warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
   const float slope = static_cast<const float*>(p.slopes)[h];
@@ -376,6 +397,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
   // Entering state of this segment (slab columns e0 .. e0 + bvv).
   const size_t ws_stride = size_t(dk) * p.dv;
   const size_t ws_base = (size_t(n) * p.num_heads + h) * p.num_segments;
+  float max_s = 0.f, max_t = 0.f;  // largest |S|, |T| this thread holds (fp16 state scaling)
   for (int idx = tid; idx < dkp * bvp; idx += NT) {
     const int d = idx / bvp, e = idx - d * bvp;
     float s = 0.f, tv = 0.f;
@@ -390,6 +412,15 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
     }
     sS[d * L.lds + e] = s;
     if (deriv) sT[d * L.lds + e] = tv;
+    max_s = fmaxf(max_s, fabsf(s));
+    max_t = fmaxf(max_t, fabsf(tv));
+  }
+  // sRed[0 .. NW) and sRed[NW .. 2 NW): per-warp maxima of |S| and |T| (read after a barrier).
+  max_s = warp_max(max_s);
+  max_t = warp_max(max_t);
+  if (lane == 0) {
+    sRed[warp] = max_s;
+    sRed[NW + warp] = max_t;
   }
   int pshift = (!state_only && seg == 0 && p.init.ptr) ? p.init_shift : 0;
   __syncthreads();
@@ -417,6 +448,16 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
         acc_o[x][0] = acc_o[x][1] = acc_o[x][2] = acc_o[x][3] = 0.f;
         acc_y[x][0] = acc_y[x][1] = acc_y[x][2] = acc_y[x][3] = 0.f;
       }
+      float sc_s = 1.f, sc_t = 1.f;
+      if constexpr (std::is_same_v<T, __half>) {
+        float ms = 0.f, mt = 0.f;
+        for (int w = 0; w < NW; ++w) {
+          ms = fmaxf(ms, sRed[w]);
+          mt = fmaxf(mt, sRed[NW + w]);
+        }
+        sc_s = state_scale<T>(ms);
+        sc_t = state_scale<T>(mt);
+      }
       // Scores q' k'^T (tiles at or left of the diagonal) and the inter products q' S (and q' T).
       for (int kk = 0; kk < dkp / 16; ++kk) {
         typename M::FA a;
@@ -434,10 +475,10 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
         for (int nt = 0; nt < MAXNT; ++nt) {
           if (nt < nnt) {
             typename M::FB b;
-            M::ld_b_f32(b, sS, L.lds, kk * 16, nt * 8);
+            M::ld_b_f32(b, sS, L.lds, kk * 16, nt * 8, sc_s);
             M::mma(acc_o[nt], a, b);
             if (deriv) {
-              M::ld_b_f32(b, sT, L.lds, kk * 16, nt * 8);
+              M::ld_b_f32(b, sT, L.lds, kk * 16, nt * 8, sc_t);
               M::mma(acc_y[nt], a, b);
             }
           }
@@ -454,7 +495,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
             float pv = 0.f, pd = 0.f;
             if (i < nr && j <= i) {
               pv = out_scale * sPow[i - j] * acc_s[nt][x];
-              if (j < i) pd = out_scale * float(i - j) * sPow[i - j - 1] * acc_s[nt][x];
+              if (j < i) pd = out_scale * (float(i - j) * kDerivDown) * sPow[i - j - 1] * acc_s[nt][x];
             }
             sP[i * L.ldp + j] = from_f<T>(pv);
             if (deriv) sPd[i * L.ldp + j] = from_f<T>(pd);
@@ -462,14 +503,17 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
         }
       }
       // Inter rows: o_i gets out_scale lambda^(i+1) q_i S; y_i gets out_scale (lambda^(i+1) q_i T +
-      // (i+1) lambda^i q_i S).
+      // (i+1) lambda^i q_i S) (undoing the fp16 state scaling).
+      const float inv_s = 1.f / sc_s, inv_t = 1.f / sc_t;
 #pragma unroll
       for (int nt = 0; nt < MAXNT; ++nt) {
 #pragma unroll
         for (int x = 0; x < 4; ++x) {
           const int i = r0 + g + (x >> 1) * 8;
-          if (deriv) acc_y[nt][x] = out_scale * (sPow[i + 1] * acc_y[nt][x] + float(i + 1) * sPow[i] * acc_o[nt][x]);
-          acc_o[nt][x] *= out_scale * sPow[i + 1 - pshift];
+          const float qs = acc_o[nt][x] * inv_s;
+          if (deriv)  // kept divided by 64 until the (scaled-down) intra term is added
+            acc_y[nt][x] = kDerivDown * out_scale * (sPow[i + 1] * acc_y[nt][x] * inv_t + float(i + 1) * sPow[i] * qs);
+          acc_o[nt][x] = out_scale * sPow[i + 1 - pshift] * qs;
         }
       }
       __syncwarp();
@@ -511,7 +555,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
               if (deriv) {
                 const T* dr = static_cast<const T*>(p.dout.ptr) + sb.b * p.dout.batch_stride +
                               row * p.dout.row_stride + int64_t(h) * p.dout.head_stride + e0 + e;
-                dl += to_f<T>(*dr) * acc_y[nt][x];
+                dl += to_f<T>(*dr) * (kDerivUp * acc_y[nt][x]);
               }
             }
           }
@@ -525,7 +569,8 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
       const int j = idx / bvp, e = idx - j * bvp;
       const float vj = to_f<T>(sV[j * L.ldv + e]);
       sVd[j * L.ldv + e] = from_f<T>(j < nr ? sPow[nr - 1 - j] * vj : 0.f);
-      if (deriv) sVd2[j * L.ldv + e] = from_f<T>(j + 1 < nr ? float(nr - 1 - j) * sPow[nr - 2 - j] * vj : 0.f);
+      if (deriv)
+        sVd2[j * L.ldv + e] = from_f<T>(j + 1 < nr ? (float(nr - 1 - j) * kDerivDown) * sPow[nr - 2 - j] * vj : 0.f);
     }
     __syncthreads();
 
@@ -533,6 +578,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
     {
       const int nkk = (nr + 15) / 16;
       const float a_s = sPow[nr - pshift], a_t = sPow[nr], a_ts = float(nr) * sPow[nr - 1];
+      float ms = 0.f, mtv = 0.f;
       for (int mt = warp; mt < dkp / 16; mt += NW) {
         float acc[MAXNT][4], acct[MAXNT][4];
 #pragma unroll
@@ -545,7 +591,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
               const int d = mt * 16 + g + (x >> 1) * 8, e = nt * 8 + 2 * t4 + (x & 1);
               const float s_old = sS[d * L.lds + e];
               acc[nt][x] = a_s * s_old;
-              if (deriv) acct[nt][x] = a_t * sT[d * L.lds + e] + a_ts * s_old;
+              if (deriv) acct[nt][x] = kDerivDown * (a_t * sT[d * L.lds + e] + a_ts * s_old);
             }
           }
         }
@@ -574,10 +620,18 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
             for (int x = 0; x < 4; ++x) {
               const int d = mt * 16 + g + (x >> 1) * 8, e = nt * 8 + 2 * t4 + (x & 1);
               sS[d * L.lds + e] = acc[nt][x];
-              if (deriv) sT[d * L.lds + e] = acct[nt][x];
+              if (deriv) sT[d * L.lds + e] = kDerivUp * acct[nt][x];
+              ms = fmaxf(ms, fabsf(acc[nt][x]));
+              mtv = fmaxf(mtv, kDerivUp * fabsf(acct[nt][x]));
             }
           }
         }
+      }
+      ms = warp_max(ms);
+      mtv = warp_max(mtv);
+      if (lane == 0) {  // read by the next chunk after the barrier below
+        sRed[warp] = ms;
+        sRed[NW + warp] = mtv;
       }
     }
     pshift = 0;
@@ -610,6 +664,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
       }
     }
     dl = warp_sum(dl);
+    __syncthreads();  // (sRed held the state maxima)
     if (lane == 0) sRed[warp] = dl;
     __syncthreads();
     if (tid == 0) {
@@ -685,15 +740,39 @@ __global__ void __launch_bounds__(kReduceThreads) reduce_dslopes_kernel(const Pa
 }
 
 // ------------------------------------------------------------------------------------------------
-// Decode: one step, bound by reading and writing the fp32 state once. Block (32, 8): threadIdx.x owns
-// 4 consecutive state columns, threadIdx.y every 8th state row; partial outputs meet in shared memory.
+// Decode: one step, bound by reading and writing the fp32 state once. Block (8, 32) per (b, h) and
+// 32 state columns: threadIdx.x owns 4 consecutive columns (a warp covers 4 rows x 128 bytes),
+// threadIdx.y every 32nd row; a thread issues up to 4 row loads before it stores (the state may be
+// updated in place, so loads are not reordered past stores by the compiler). Partial outputs meet
+// in shared memory.
 // ------------------------------------------------------------------------------------------------
 
-constexpr int kDecodeCols = 128;  // state columns per block
+constexpr int kDecodeCols = 32;  // state columns per block
+constexpr int kDecodeRows = 32;  // threadIdx.y extent
+constexpr int kDecodeBatch = 4;  // rows in flight per thread
+
+struct F4 {
+  float x, y, z, w;
+};
+#ifndef LT_EMULATE
+LT_DEV F4 ld4(const float* p) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  return {v.x, v.y, v.z, v.w};
+}
+LT_DEV void st4(float* p, const F4& v) { *reinterpret_cast<float4*>(p) = make_float4(v.x, v.y, v.z, v.w); }
+#else
+LT_DEV F4 ld4(const float* p) { return {p[0], p[1], p[2], p[3]}; }
+LT_DEV void st4(float* p, const F4& v) {
+  p[0] = v.x;
+  p[1] = v.y;
+  p[2] = v.z;
+  p[3] = v.w;
+}
+#endif
 
 template <typename T>
-__global__ void __launch_bounds__(256) decode_kernel(const DecodeParams p) {
-  __shared__ float red[8][kDecodeCols];
+__global__ void __launch_bounds__(kDecodeCols / 4 * kDecodeRows) decode_kernel(const DecodeParams p) {
+  __shared__ float red[kDecodeRows][kDecodeCols];
   const int bh = int(blockIdx.x);
   const int b = bh / p.num_heads, h = bh - b * p.num_heads;
   const int tx = int(threadIdx.x), ty = int(threadIdx.y);
@@ -711,29 +790,43 @@ __global__ void __launch_bounds__(256) decode_kernel(const DecodeParams p) {
   const bool vec = (p.dv % 4 == 0) && (reinterpret_cast<uintptr_t>(s_in) % 16 == 0) &&
                    (reinterpret_cast<uintptr_t>(s_out) % 16 == 0);
   if (e < p.dv) {
-    for (int d = ty; d < p.dk; d += 8) {
-      const float kd = to_f<T>(k[d]), qd = to_f<T>(q[d]);
+    for (int d0 = ty; d0 < p.dk; d0 += kDecodeRows * kDecodeBatch) {
       if (vec) {
-#ifndef LT_EMULATE
-        float4 s = *reinterpret_cast<const float4*>(s_in + size_t(d) * p.dv + e);
-        s.x = lam * s.x + kd * vv[0];
-        s.y = lam * s.y + kd * vv[1];
-        s.z = lam * s.z + kd * vv[2];
-        s.w = lam * s.w + kd * vv[3];
-        *reinterpret_cast<float4*>(s_out + size_t(d) * p.dv + e) = s;
-        acc[0] += qd * s.x;
-        acc[1] += qd * s.y;
-        acc[2] += qd * s.z;
-        acc[3] += qd * s.w;
-        continue;
-#endif
-      }
+        F4 s[kDecodeBatch];
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        if (e + x < p.dv) {
-          const float s = lam * s_in[size_t(d) * p.dv + e + x] + kd * vv[x];
-          s_out[size_t(d) * p.dv + e + x] = s;
-          acc[x] += qd * s;
+        for (int u = 0; u < kDecodeBatch; ++u) {
+          const int d = d0 + u * kDecodeRows;
+          if (d < p.dk) s[u] = ld4(s_in + size_t(d) * p.dv + e);
+        }
+#pragma unroll
+        for (int u = 0; u < kDecodeBatch; ++u) {
+          const int d = d0 + u * kDecodeRows;
+          if (d < p.dk) {
+            const float kd = to_f<T>(k[d]), qd = to_f<T>(q[d]);
+            s[u].x = lam * s[u].x + kd * vv[0];
+            s[u].y = lam * s[u].y + kd * vv[1];
+            s[u].z = lam * s[u].z + kd * vv[2];
+            s[u].w = lam * s[u].w + kd * vv[3];
+            st4(s_out + size_t(d) * p.dv + e, s[u]);
+            acc[0] += qd * s[u].x;
+            acc[1] += qd * s[u].y;
+            acc[2] += qd * s[u].z;
+            acc[3] += qd * s[u].w;
+          }
+        }
+      } else {
+        for (int u = 0; u < kDecodeBatch; ++u) {
+          const int d = d0 + u * kDecodeRows;
+          if (d >= p.dk) break;
+          const float kd = to_f<T>(k[d]), qd = to_f<T>(q[d]);
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            if (e + x < p.dv) {
+              const float s = lam * s_in[size_t(d) * p.dv + e + x] + kd * vv[x];
+              s_out[size_t(d) * p.dv + e + x] = s;
+              acc[x] += qd * s;
+            }
+          }
         }
       }
     }
@@ -741,15 +834,15 @@ __global__ void __launch_bounds__(256) decode_kernel(const DecodeParams p) {
 #pragma unroll
   for (int x = 0; x < 4; ++x) red[ty][tx * 4 + x] = acc[x];
   __syncthreads();
-  if (ty == 0) {
-    T* o = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
-#pragma unroll
-    for (int x = 0; x < 4; ++x) {
-      if (e + x < p.dv) {
-        float sum = 0.f;
-        for (int y = 0; y < 8; ++y) sum += red[y][tx * 4 + x];
-        o[e + x] = from_f<T>(float(p.scale) * sum);
-      }
+  // 32 threads finish the 32 columns: thread (tx, ty) with ty < 4 sums column tx * 4 + ty.
+  if (ty < 4) {
+    const int col = tx * 4 + ty;
+    const int ecol = int(blockIdx.y) * kDecodeCols + col;
+    if (ecol < p.dv) {
+      float sum = 0.f;
+      for (int y = 0; y < kDecodeRows; ++y) sum += red[y][col];
+      T* o = static_cast<T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+      o[ecol] = from_f<T>(float(p.scale) * sum);
     }
   }
 }
@@ -793,7 +886,7 @@ cudaError_t launch_reduce_dslopes(const PassParams& p, float* dslopes, cudaStrea
 template <typename T>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.batch) * unsigned(p.num_heads), unsigned((p.dv + kDecodeCols - 1) / kDecodeCols));
-  LT_LAUNCH(decode_kernel<T>, grid, dim3(32, 8), 0, stream, p);
+  LT_LAUNCH(decode_kernel<T>, grid, dim3(kDecodeCols / 4, kDecodeRows), 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -9,6 +9,7 @@
 // so reading it before writing shows up in the results.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <barrier>
 #include <cmath>
@@ -217,6 +218,20 @@ inline float warp_sum(float v) {
   return s;
 }
 
+inline float warp_max(float v) {
+  const int w = warp(), l = lane();
+  std::memcpy(xch(w, l), &v, 4);
+  warp_sync();
+  float m = v;
+  for (int ln = 0; ln < 32; ++ln) {
+    float x;
+    std::memcpy(&x, xch(w, ln), 4);
+    m = std::max(m, x);
+  }
+  warp_sync();
+  return m;
+}
+
 template <class... KArgs, class... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   const int nthreads = int(block.x * block.y * block.z);
@@ -259,5 +274,10 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 inline void __syncthreads() { emu::t_blk->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline float __expf(float x) { return std::exp(x); }
+inline float exp2f(float x) { return std::exp2(x); }
+inline float log2f(float x) { return std::log2(x); }
+inline float ceilf(float x) { return std::ceil(x); }
+inline float fmaxf(float a, float b) { return std::fmax(a, b); }
+inline float fabsf(float x) { return std::fabs(x); }
 using std::exp;
 
