@@ -266,7 +266,9 @@ def test_decode_loop_matches_full_sequence(device, dtype):
         outs.append(o_t)
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-3)
     torch.testing.assert_close(torch.cat(outs, dim=1), o_full, **tol)
-    torch.testing.assert_close(state, f_full, atol=1e-4, rtol=1e-4)
+    # (On CUDA the chunked kernel feeds float16 operands to the tensor cores for the state update.)
+    state_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 or device == "cpu" else dict(atol=1e-2, rtol=2e-3)
+    torch.testing.assert_close(state, f_full, **state_tol)
 
 
 def test_decode_step_vs_reference(device):
@@ -356,17 +358,18 @@ def test_opcheck(device):
     torch.library.opcheck(ops.lightning_fwd.default, (qc, kc, vc, slopes, 1.0, initc, cu, bs, 0))
     dout = torch.randn_like(v)
     dfinal = torch.randn_like(init)
-    torch.library.opcheck(
-        ops.lightning_bwd.default, (dout, dfinal, q, k, v, slopes, 0.5, init, None, bs, 0, True),
-        test_utils=("test_schema", "test_faketensor"),
-    )
-    torch.library.opcheck(
-        ops.lightning_bwd.default, (dout, None, q, k, v, slopes, 0.5, None, None, bs, 0, False),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    torch.library.opcheck(ops.lightning_bwd.default, (dout, dfinal, q, k, v, slopes, 0.5, init, None, bs, 0, True))
+    torch.library.opcheck(ops.lightning_bwd.default, (dout, None, q, k, v, slopes, 0.5, None, None, bs, 0, False))
+    # With inputs that require grad (checks the autograd registration through AOT dispatch).
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, slopes, init)]
+    torch.library.opcheck(ops.lightning_fwd.default, (*leaves[:4], 0.5, leaves[4], None, bs, 0))
     q1, k1, v1 = q[:, :1].contiguous(), k[:, :1].contiguous(), v[:, :1].contiguous()
     state = torch.randn(2, 2, 16, 32, device=device)
     torch.library.opcheck(ops.lightning_decode.default, (q1, k1, v1, state, slopes, 0.5))
+    torch.library.opcheck(
+        ops.lightning_decode.default,
+        (q1.clone().requires_grad_(), k1, v1, state.clone().requires_grad_(), slopes.clone().requires_grad_(), 0.5),
+    )
     torch.library.opcheck(ops.lightning_decode_.default, (q1, k1, v1, state.clone(), slopes, 0.5))
 
 

@@ -206,6 +206,13 @@ def lightning_attention(
     Returns ``(o, final_state)``: o ``[B, L, H, Dv]`` in q's dtype; final_state, or None unless
     ``output_final_state``. Differentiable in q, k, v, slopes and initial_state. State and accumulation
     are float32 (float64 for float64 inputs).
+
+    Kernels: chunks of ``block_size`` rows; within a chunk (Q K^T * decay) V on tensor cores, across
+    chunks Q S with the float32 state S carried from chunk to chunk (rounded to q's dtype for the
+    tensor-core product; for float16 it is first scaled by a power of two into float16's range).
+    The backward runs three such sweeps (dq forward in time; dk and dv backward in time, which also
+    give d initial_state) and, only when slopes require grad, a fourth: the forward-mode derivative
+    of the state in lambda (T = dS/dlambda), contracted with the output gradient.
     """
     _lt_check_qkv(q, k, v)
     slopes = _lt_slopes(slopes, q)

@@ -72,7 +72,8 @@ struct Case {
   int splits = 1;
   int bv = 0;  // 0: the planner's choice
   bool reverse = false, init = false, deriv = false, odd = false, out = true, final_state = true;
-  bool positive = false;  // |q|, |k|, |v|: states grow without cancellation (fp16 range tests)
+  bool positive = false;
+  bool init_t = false;  // init stored transposed ([N][H][dv][dk], as the dq pass reads S0^T)  // |q|, |k|, |v|: states grow without cancellation (fp16 range tests)
   int init_shift = 0, final_shift = 0;
   double out_scale = 1.0, v_scale = 1.0;
 };
@@ -133,7 +134,7 @@ void run_case(const Case& cs) {
   }
   p.slopes = slopes.data();
   const int64_t ss = int64_t(dk) * dv;
-  if (cs.init) p.init = {init.data(), H * ss, ss, dv, 1};
+  if (cs.init) p.init = cs.init_t ? StateTensor{init.data(), H * ss, ss, 1, dk} : StateTensor{init.data(), H * ss, ss, dv, 1};
   if (cs.final_state) p.final_state = {fin.data(), H * ss, ss, dv, 1};
   p.deriv = cs.deriv;
   if (cs.deriv) {
@@ -184,7 +185,11 @@ void run_case(const Case& cs) {
       const int64_t start = varlen ? cu[n] : 0, len = varlen ? cu[n + 1] - cu[n] : L;
       std::vector<double> S(ss, 0.0), Tm(ss, 0.0), Sprev(ss);
       if (cs.init)
-        for (int64_t x = 0; x < ss; ++x) S[x] = init[(n * H + h) * ss + x] * std::pow(lam, -cs.init_shift);
+        for (int d = 0; d < dk; ++d)
+          for (int e = 0; e < dv; ++e) {
+            const int64_t at = (n * H + h) * ss + (cs.init_t ? int64_t(e) * dk + d : int64_t(d) * dv + e);
+            S[int64_t(d) * dv + e] = init[at] * std::pow(lam, -cs.init_shift);
+          }
       for (int64_t tau = 0; tau < len; ++tau) {
         const int row = int(start + (cs.reverse ? len - 1 - tau : tau));
         Sprev = S;
@@ -319,6 +324,9 @@ int main(int argc, char** argv) {
       c.dtype = dt, c.block_t = bt;
       c.name = pre + "fwd odd dims dk40 dv24 L100 splits3 odd-strides";
       c.N = 1, c.H = 2, c.L = 100, c.dk = 40, c.dv = 24, c.splits = 3, c.init = true, c.odd = true;
+      add(c);
+      c.name = pre + "fwd transposed init dk40 dv24 L100 splits2";
+      c.splits = 2, c.odd = false, c.init_t = true;
       add(c);
       c = Case{};
       c.dtype = dt, c.block_t = bt;
