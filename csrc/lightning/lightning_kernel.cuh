@@ -357,13 +357,14 @@ LT_DEV float state_scale(float max_abs) {
 }
 
 // phase 0: state-only (each non-last segment's local state from zero into seg_state);
-// phase 1: main (outputs, final state, d lambda partials).
-template <typename T, int BT>
+// phase 1: main (outputs, final state, d lambda partials). kDeriv must equal p.deriv (a template
+// argument so that the other passes carry no derivative registers).
+template <typename T, int BT, bool kDeriv>
 __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, const int phase) {
   using M = Mma<T>;
   constexpr int NW = BT / 16, NT = NW * 32, MAXNT = kMaxBv / 8;
+  constexpr bool deriv = kDeriv;
   const bool state_only = phase == 0;
-  const bool deriv = p.deriv;
   const int nh = int(blockIdx.x), slab = int(blockIdx.y), seg = int(blockIdx.z);
   const int n = nh / p.num_heads, h = nh - n * p.num_heads;
   const Bounds sb = seq_bounds(p, n);
@@ -861,7 +862,7 @@ __global__ void __launch_bounds__(kDecodeCols / 4 * kDecodeRows) decode_kernel(c
 template <typename T, int BT>
 cudaError_t launch_pass(const PassParams& p, cudaStream_t stream) {
   const SmemLayout L = pass_smem_layout(int(sizeof(T)), BT, p.dk, p.bv, p.deriv);
-  auto kernel = pass_kernel<T, BT>;
+  auto kernel = p.deriv ? pass_kernel<T, BT, true> : pass_kernel<T, BT, false>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L.total));
   if (err != cudaSuccess) return err;
   const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_heads), unsigned(p.num_slabs), unsigned(p.num_segments));
