@@ -19,10 +19,10 @@
 // - dq is written in segment space like the other outputs: row s * seqlen_q + i of query head hq.
 //
 // Inner loops: the tile kernels below run over a fixed kBlockN-wide row of scores, or over the
-// contiguous head dim in fixed 32-wide chunks, so the compiler keeps the accumulators in vector
-// registers; the float versions are cloned for AVX2/FMA and AVX-512 (GCC target_clones, picked at
-// load time) since the extension itself is built for baseline x86-64. exp in float is a polynomial
-// (relative error ~2e-7), vectorisable, unlike std::exp.
+// contiguous head dim in fixed 32-wide chunks, so the accumulators stay in vector registers; the
+// float versions have an AVX2 + FMA variant picked at run time (the extension itself is built for
+// baseline x86-64). exp in float is a polynomial (relative error ~2e-7), vectorisable, unlike
+// std::exp.
 #include "flash/flash_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -34,6 +34,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -57,10 +58,14 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define ATTNKIT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// x86-64 with GCC or clang: the float tile kernels get an AVX2 + FMA version (explicit 8-wide
+// vectors), chosen at run time; elsewhere, and on CPUs without AVX2, plain loops that the compiler
+// auto-vectorises for the baseline ISA.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define ATTNKIT_CPU_AVX2 1
+#define ATTNKIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
-#define ATTNKIT_CPU_CLONES
+#define ATTNKIT_CPU_AVX2 0
 #endif
 
 // exp(x) for float: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), e^f by its
@@ -144,8 +149,22 @@ inline A exp_row_impl(A* __restrict s, int n, A shift) {
   return sum;
 }
 
-// Float kernels with explicit 8-wide vectors (GCC / clang vector extensions) so the accumulators
-// stay in registers: 8 vectors hold one 64-wide score row, 4 vectors a 32-wide chunk of the head dim.
+// Double versions: plain loops (used by the fp64 path, which is for testing).
+void tile_scores(double* S, const double* Q, int m, int D, const double* Kt) {
+  tile_scores_impl(S, Q, m, D, Kt);
+}
+void tile_acc(double* C, int64_t ldc, const double* W, int64_t wi, int64_t wk, int ni, int nk, const double* B,
+              int64_t ldb, int D) {
+  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
+}
+double exp_row(double* s, int n, double shift) {
+  return exp_row_impl(s, n, shift);
+}
+
+#if ATTNKIT_CPU_AVX2
+// Float kernels for AVX2 + FMA with explicit 8-wide vectors (GCC / clang vector extensions), so the
+// accumulators stay in registers: 8 vectors hold one 64-wide score row, 4 vectors a 32-wide chunk
+// of the head dim.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"  // vf8 only passes between inlined helpers of this file
 #endif
@@ -160,7 +179,7 @@ inline void store8(float* p, vf8 v) {
 }
 static_assert(kBlockN % 8 == 0, "tile kernels assume kBlockN is a multiple of 8");
 
-ATTNKIT_CPU_CLONES void tile_scores(float* S, const float* Q, int m, int D, const float* Kt) {
+ATTNKIT_TARGET_AVX2 void tile_scores_avx2(float* S, const float* Q, int m, int D, const float* Kt) {
   constexpr int kV = kBlockN / 8;
   for (int r = 0; r < m; ++r) {
     vf8 acc[kV];
@@ -175,11 +194,9 @@ ATTNKIT_CPU_CLONES void tile_scores(float* S, const float* Q, int m, int D, cons
     for (int u = 0; u < kV; ++u) store8(srow + 8 * u, acc[u]);
   }
 }
-void tile_scores(double* S, const double* Q, int m, int D, const double* Kt) {
-  tile_scores_impl(S, Q, m, D, Kt);
-}
-ATTNKIT_CPU_CLONES void tile_acc(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni, int nk,
-                                 const float* B, int64_t ldb, int D) {
+
+ATTNKIT_TARGET_AVX2 void tile_acc_avx2(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni,
+                                       int nk, const float* B, int64_t ldb, int D) {
   for (int i = 0; i < ni; ++i) {
     float* crow = C + i * ldc;
     const float* wrow = W + i * wi;
@@ -211,14 +228,36 @@ ATTNKIT_CPU_CLONES void tile_acc(float* C, int64_t ldc, const float* W, int64_t 
     }
   }
 }
-void tile_acc(double* C, int64_t ldc, const double* W, int64_t wi, int64_t wk, int ni, int nk, const double* B,
-              int64_t ldb, int D) {
-  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
-}
-ATTNKIT_CPU_CLONES float exp_row(float* s, int n, float shift) {
+
+ATTNKIT_TARGET_AVX2 float exp_row_avx2(float* s, int n, float shift) {
   return exp_row_impl(s, n, shift);
 }
-double exp_row(double* s, int n, double shift) {
+
+// ATTNKIT_CPU_NO_AVX2=1 forces the plain loops (lets the tests cover that path on any machine).
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("ATTNKIT_CPU_NO_AVX2") == nullptr;
+  return has;
+}
+#endif  // ATTNKIT_CPU_AVX2
+
+void tile_scores(float* S, const float* Q, int m, int D, const float* Kt) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return tile_scores_avx2(S, Q, m, D, Kt);
+#endif
+  tile_scores_impl(S, Q, m, D, Kt);
+}
+void tile_acc(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni, int nk, const float* B,
+              int64_t ldb, int D) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return tile_acc_avx2(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
+#endif
+  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
+}
+float exp_row(float* s, int n, float shift) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return exp_row_avx2(s, n, shift);
+#endif
   return exp_row_impl(s, n, shift);
 }
 
