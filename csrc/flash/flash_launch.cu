@@ -5,8 +5,24 @@
 #include "common/mma.cuh"
 #include "common/static_switch.h"
 #include "flash/flash.h"
+#include "flash/flash_validate.h"
 
 namespace attnkit::flash {
+
+// The instantiations live in inst/*.cu; declare the specializations before their use.
+#define ATTNKIT_DECLARE_FLASH(T, D)                                          \
+  template <>                                                                \
+  void run_flash_fwd<T, D>(const FlashParams& params, cudaStream_t stream); \
+  template <>                                                                \
+  void run_flash_bwd<T, D>(const FlashParams& params, cudaStream_t stream);
+#define ATTNKIT_DECLARE_FLASH_D(D) ATTNKIT_DECLARE_FLASH(__half, D) ATTNKIT_DECLARE_FLASH(__nv_bfloat16, D)
+ATTNKIT_DECLARE_FLASH_D(32)
+ATTNKIT_DECLARE_FLASH_D(64)
+ATTNKIT_DECLARE_FLASH_D(96)
+ATTNKIT_DECLARE_FLASH_D(128)
+ATTNKIT_DECLARE_FLASH_D(256)
+#undef ATTNKIT_DECLARE_FLASH_D
+#undef ATTNKIT_DECLARE_FLASH
 
 namespace {
 
@@ -58,9 +74,21 @@ void run_bwd(const FlashParams& p, cudaStream_t stream) {
   }
 }
 
+// Checks shared with the CPU core, plus the CUDA launch limits; returns the params to launch with.
+FlashParams prepare(const FlashParams& params) {
+  check_flash_params(params);
+  TORCH_CHECK(int64_t(params.batch) * params.num_segments <= 65535,
+              "flash core (CUDA): batch * segments must be at most 65535, got ", int64_t(params.batch) * params.num_segments);
+  FlashParams p = params;
+  // keep the block-range arithmetic of an effectively unlimited window inside int
+  if (!p.q_index && !p.k_index && p.window_left > p.seqlen_q + p.seqlen_k) p.window_left = p.seqlen_q + p.seqlen_k;
+  return p;
+}
+
 }  // namespace
 
-void flash_fwd(const FlashParams& params, cudaStream_t stream) {
+void flash_fwd(const FlashParams& params_in, cudaStream_t stream) {
+  const FlashParams params = prepare(params_in);
   TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
   TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
               "flash core (CUDA): q, k, v must be float16 or bfloat16");
@@ -69,7 +97,8 @@ void flash_fwd(const FlashParams& params, cudaStream_t stream) {
   });
 }
 
-void flash_bwd(const FlashParams& params, cudaStream_t stream) {
+void flash_bwd(const FlashParams& params_in, cudaStream_t stream) {
+  const FlashParams params = prepare(params_in);
   TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
   TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
               "flash core (CUDA): q, k, v must be float16 or bfloat16");
