@@ -235,6 +235,24 @@ def test_routing_gate_checks_assignment(fakes, monkeypatch):
     assert op.ms is None
 
 
+def test_sqa_gate_prefers_float64_oracle(fakes, monkeypatch):
+    import types
+
+    calls = []
+
+    def sqa_reference(q, k, v, causal=False, scale=None, return_lse=False):
+        assert q.dtype == torch.float64
+        calls.append(1)
+        return fake_sqa(q, k, v, causal=causal, scale=scale)
+
+    monkeypatch.setattr(attnkit, "reference", types.SimpleNamespace(sqa_reference=sqa_reference), raising=False)
+    res = run(TINY["sqa"]("fwd+bwd"))
+    assert calls and res.gate["reference"] == "reference-fp64"
+    oracle = res.impl("reference-fp64")
+    assert oracle.gate == "ref" and oracle.ms is None  # checked against, never timed
+    assert res.op_result.gate == "PASS" and res.impl("torch-eager").gate == "PASS"
+
+
 # ----------------------------------------------------------------------------------------------
 # the gate catches wrong ops
 # ----------------------------------------------------------------------------------------------

@@ -502,6 +502,14 @@ def dma_cases(cfg: SuiteConfig) -> list[Case]:
     return out
 
 
+def dma_perf_cases(device: str = "cuda", dtype=torch.bfloat16) -> list[Case]:
+    """Issue 5's performance cases: bf16, H=16, Hkv=8, D=128, causal, keep=2048, B=1, fwd and fwd+bwd."""
+    cfg = SuiteConfig(device=device, dtype=dtype)
+    return [dma_case(B=1, L=L, H=16, Hkv=8, D=128, keep=2048, causal=True, dtype=dtype, device=device, mode=m,
+                     cfg=cfg)
+            for L in (1024, 4096, 16384, 32768, 65536) for m in MODES]
+
+
 # ----------------------------------------------------------------------------------------------
 # Lightning attention
 # ----------------------------------------------------------------------------------------------
@@ -581,6 +589,13 @@ def lightning_cases(cfg: SuiteConfig) -> list[Case]:
                  gpu_quick=[2048, 8192], cpu_quick=[128, 256])
     return [lightning_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
             for L in Ls for m in cfg.modes]
+
+
+def lightning_perf_cases(device: str = "cuda", dtype=torch.bfloat16) -> list[Case]:
+    """Issue 4's performance cases: bf16, B=4, H=32, D=128, L 2k..64k, fwd and fwd+bwd."""
+    cfg = SuiteConfig(device=device, dtype=dtype)
+    return [lightning_case(B=4, L=L, H=32, D=128, dtype=dtype, device=device, mode=m, cfg=cfg)
+            for L in (2048, 4096, 8192, 16384, 32768, 65536) for m in MODES]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -703,3 +718,10 @@ def routing_cases(cfg: SuiteConfig) -> list[Case]:
     Ls = seqlens(cfg, gpu=[4096, 16384, 65536], cpu=[256, 1024], gpu_quick=[4096, 16384], cpu_quick=[128, 256])
     return [routing_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
             for L in Ls for m in cfg.modes]
+
+
+def routing_perf_cases(device: str = "cuda", dtype=torch.bfloat16) -> list[Case]:
+    """Issue 6's performance cases: bf16, B=1, H=8, D=64, causal, C=sqrt(L), w=L/C, fwd+bwd."""
+    cfg = SuiteConfig(device=device, dtype=dtype)
+    return [routing_case(B=1, L=L, H=8, D=64, dtype=dtype, device=device, mode="fwd+bwd", cfg=cfg)
+            for L in (4096, 16384, 65536)]

@@ -29,12 +29,18 @@ def _run(cmd: list[str], cwd=None) -> str | None:
 
 
 def _git_info() -> dict:
-    here = Path(__file__).resolve().parent
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=here)
-    if commit is None:
-        return {"git_commit": None, "git_dirty": None}
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
-    return {"git_commit": commit, "git_dirty": bool(dirty)}
+    """The commit of the source tree: the package's own folder (make dev), else the working directory
+    when it is an attnkit checkout (make bench runs an installed wheel from the repository root)."""
+    places = [Path(__file__).resolve().parent]
+    cwd = Path.cwd()
+    if (cwd / "python" / "attnkit").is_dir():
+        places.append(cwd)
+    for here in places:
+        commit = _run(["git", "rev-parse", "HEAD"], cwd=here)
+        if commit is not None:
+            dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
+            return {"git_commit": commit, "git_dirty": bool(dirty)}
+    return {"git_commit": None, "git_dirty": None}
 
 
 def _cpu_model() -> str:
