@@ -37,12 +37,12 @@ def parse_seqlens(text: str) -> list[int]:
         try:
             v = float(part) * mult
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--seqlens: cannot read {part!r} (use e.g. 1k,4k,16384)")
+            raise argparse.ArgumentTypeError(f"cannot read {part!r} (use e.g. 1k,4k,16384)")
         if v < 1 or v != int(v):
-            raise argparse.ArgumentTypeError(f"--seqlens: {part!r} is not a positive whole length")
+            raise argparse.ArgumentTypeError(f"{part!r} is not a positive whole length")
         out.append(int(v))
     if not out:
-        raise argparse.ArgumentTypeError("--seqlens: empty list")
+        raise argparse.ArgumentTypeError("empty list")
     return out
 
 
