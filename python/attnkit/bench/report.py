@@ -54,6 +54,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "python -m attnkit.bench" if name in ("__main__.py", "") else name
+
+
 def environment(device: str) -> dict:
     import attnkit
 
@@ -75,8 +80,13 @@ def environment(device: str) -> dict:
         "sm_count": None,
         "gpu_memory_gib": None,
         "driver": None,
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": " ".join([_program()] + sys.argv[1:]),
+        "loadavg": None,
     }
+    try:
+        env["loadavg"] = round(os.getloadavg()[0], 2)  # CPU timings on a busy machine are noisy
+    except (OSError, AttributeError):
+        pass
     env.update(_git_info())
     try:
         info = torch.ops.attnkit._build_info()
