@@ -101,13 +101,17 @@ def fake_routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True
     return out.transpose(1, 2).to(v.dtype)
 
 
+def install_fakes(mp):
+    mp.setattr(attnkit, "sparse_query_attention", fake_sqa, raising=False)
+    mp.setattr(attnkit, "dynamic_mask_attention", fake_dma, raising=False)
+    mp.setattr(attnkit, "lightning_attention", fake_lightning, raising=False)
+    mp.setattr(attnkit, "routing_assign", fake_routing_assign, raising=False)
+    mp.setattr(attnkit, "routing_attention", fake_routing_attention, raising=False)
+
+
 @pytest.fixture
 def fakes(monkeypatch):
-    monkeypatch.setattr(attnkit, "sparse_query_attention", fake_sqa, raising=False)
-    monkeypatch.setattr(attnkit, "dynamic_mask_attention", fake_dma, raising=False)
-    monkeypatch.setattr(attnkit, "lightning_attention", fake_lightning, raising=False)
-    monkeypatch.setattr(attnkit, "routing_assign", fake_routing_assign, raising=False)
-    monkeypatch.setattr(attnkit, "routing_attention", fake_routing_attention, raising=False)
+    install_fakes(monkeypatch)
 
 
 def run(case):
@@ -319,11 +323,18 @@ def test_gate_catches_wrong_shape_and_errors(fakes, monkeypatch):
 QUICK = ["--quick", "--device", "cpu", "--ops", "sqa", "--seqlens", "64,128", "--target-time", "0.005"]
 
 
-@pytest.fixture
-def quick_run(fakes, tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = main(QUICK + ["--out", str(out)])
-    return rc, out, capsys.readouterr().out
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One in-process `--quick` CLI run on CPU (with the fake SQA), shared by the tests that read it."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("bench") / "run"
+    buf = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
+        install_fakes(mp)
+        rc = main(QUICK + ["--out", str(out)])
+    return rc, out, buf.getvalue()
 
 
 def test_cli_quick_writes_json_table_and_png(quick_run):
@@ -416,3 +427,35 @@ def test_module_entry_point_subprocess(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["schema"] == "attnkit-bench/1" and doc["cases"]
     assert (out / "latency_sqa.png").exists()
+
+
+def test_cli_compare_while_running(fakes, quick_run, tmp_path, capsys):
+    """--compare OLD.json with a run: the new run is compared with OLD at the end; a bad OLD fails early."""
+    _, out, _ = quick_run
+    old = load_json(out / "results.json")
+    for c in old["cases"]:
+        for r in c["impls"]:
+            if r["impl"] == "attnkit" and r["ms"]:
+                r["ms"] /= 100.0  # pretend the old run was far faster: every attnkit row regressed
+    old_path = tmp_path / "old.json"
+    old_path.write_text(json.dumps(old))
+    rc = main(QUICK + ["--out", str(tmp_path / "again"), "--no-plots", "--compare", str(old_path),
+                       "--fail-on-regression"])
+    text = capsys.readouterr().out
+    regressed = [ln for ln in text.splitlines() if " attnkit " in ln and "REGRESSION" in ln]
+    assert rc == 3 and len(regressed) == len(old["cases"])  # baselines may differ too: timing noise
+    assert main(QUICK + ["--out", str(tmp_path / "x"), "--compare", str(tmp_path / "missing.json")]) == 2
+    assert not (tmp_path / "x").exists()  # nothing was run
+
+
+def test_case_that_cannot_build_inputs_does_not_stop_the_suite(fakes):
+    case = TINY["sqa"]("fwd")
+
+    def broken(requires_grad):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    case.make_inputs = broken
+    res = run(case)
+    assert res.gate["status"] == "ERROR"
+    assert all(r.status == "oom" for r in res.impls)
+    json.dumps(res.to_json())

@@ -146,10 +146,9 @@ def _overloaded() -> bool:
         return False
 
 
-def run_compare(old_path: Path, new_doc: dict, new_label: str, threshold: float) -> list[dict]:
-    old = load_json(old_path)
-    rows = compare_runs(old, new_doc, threshold)
-    print(render_compare(rows, str(old_path), new_label))
+def run_compare(old_doc: dict, old_label: str, new_doc: dict, new_label: str, threshold: float) -> list[dict]:
+    rows = compare_runs(old_doc, new_doc, threshold)
+    print(render_compare(rows, old_label, new_label))
     return rows
 
 
@@ -164,8 +163,21 @@ def main(argv=None) -> int:
 def _main(a: argparse.Namespace) -> int:
 
     if a.against is not None:  # compare two saved runs
-        rows = run_compare(a.compare, load_json(a.against), str(a.against), a.threshold)
+        try:
+            old_doc, new_doc = load_json(a.compare), load_json(a.against)
+        except (OSError, ValueError) as e:
+            print(f"attnkit-bench: {e}", file=sys.stderr)
+            return 2
+        rows = run_compare(old_doc, str(a.compare), new_doc, str(a.against), a.threshold)
         return 3 if a.fail_on_regression and any(r["verdict"] == "REGRESSION" for r in rows) else 0
+
+    old_doc = None
+    if a.compare is not None:  # read it now: a bad file should not wait for the end of a long run
+        try:
+            old_doc = load_json(a.compare)
+        except (OSError, ValueError) as e:
+            print(f"attnkit-bench: --compare: {e}", file=sys.stderr)
+            return 2
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if a.threads:
@@ -204,6 +216,7 @@ def _main(a: argparse.Namespace) -> int:
 
     results = []
     seen_notes = set()
+    interrupted = False
     progress = Progress(len(suite))
     try:
         for case in suite:
@@ -219,6 +232,9 @@ def _main(a: argparse.Namespace) -> int:
             if op is not None and op.status == "FAIL":
                 progress.log(f"FAIL: {case.id}: {op.note}")
             progress.advance()
+    except KeyboardInterrupt:  # keep what was measured
+        interrupted = True
+        notes.append(f"interrupted after {len(results)} of {len(suite)} cases")
     finally:
         progress.close()
     elapsed = time.perf_counter() - t0
@@ -258,8 +274,10 @@ def _main(a: argparse.Namespace) -> int:
         for r in failed:
             print(f"  {r.case.id}: {r.op_result.note}")
         rc = 2
-    if a.compare is not None:
-        rows = run_compare(a.compare, doc, str(out_dir / "results.json"), a.threshold)
+    if interrupted:
+        print(f"note: interrupted; results hold {len(results)} of {len(suite)} cases")
+    if old_doc is not None:
+        rows = run_compare(old_doc, str(a.compare), doc, str(out_dir / "results.json"), a.threshold)
         if a.fail_on_regression and any(r["verdict"] == "REGRESSION" for r in rows) and rc == 0:
             rc = 3
     return rc

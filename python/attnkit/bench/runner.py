@@ -280,7 +280,17 @@ class Runner:
                        for i in case.impls]
             return CaseResult(case, results, gate={"status": "SKIP", "reference": None, "checks": {}})
 
-        cr, inputs = self.check(case)
+        try:
+            cr, inputs = self.check(case)
+        except Exception as e:  # e.g. the inputs themselves do not fit: the case fails, the suite goes on
+            self._do = None
+            self._release()
+            status = "oom" if _is_oom(e) else "error"
+            results = [ImplResult(i.name, i.kind, i.comparable, status=status, note=_short(e)) for i in case.impls]
+            cr = CaseResult(case, results, gate={"status": "ERROR", "reference": None, "checks": {}})
+            cr.notes.append(f"case failed before timing: {_short(e)}")
+            cr.seconds = time.perf_counter() - t_start
+            return cr
         by_name = {r.name: r for r in cr.impls}
         for impl in case.impls:
             r = by_name[impl.name]
