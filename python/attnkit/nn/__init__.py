@@ -1,0 +1,5 @@
+"""attnkit.nn: attention layers built on attnkit's ops. One module per mechanism."""
+
+from .sqa import SQA_PRESETS, SparseQueryAttention
+
+__all__ = ["SparseQueryAttention", "SQA_PRESETS"]
