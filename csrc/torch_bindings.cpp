@@ -50,16 +50,19 @@ TORCH_LIBRARY(attnkit, m) {
   // Attention inside clusters: out [B, L, H, D] (mean over the clusters a token's query is routed to,
   // 0 when none), out_seg [B, C*wq, H, D] and lse [B, H, C*wq] fp32 in segment space (saved for the
   // backward). With q_idx = k_idx = None: one segment holding the whole sequence (local heads), out_seg
-  // is empty and the backward takes out in its place. window_left < 0: no window. self_mask: the score
-  // of a query with its own token is -5e4 (shared QK).
+  // is empty and the backward takes out in its place. key_padding_mask [B, L] bool: True keys are never
+  // attended. window_left < 0: no window. self_mask: the score of a query with its own token is -5e4.
+  // deterministic is read by the backward only (routing_bwd; False: fp32 atomics on CUDA); the forward
+  // takes it so that autograd can pass it on.
   m.def(
-      "routing_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx, bool causal, int window_left,"
-      " bool self_mask, float scale) -> (Tensor out, Tensor out_seg, Tensor lse)");
+      "routing_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx, Tensor? key_padding_mask,"
+      " bool causal, int window_left, bool self_mask, float scale, bool deterministic=True)"
+      " -> (Tensor out, Tensor out_seg, Tensor lse)");
   m.def(
-      "routing_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx, Tensor out_seg,"
-      " Tensor lse, bool causal, int window_left, bool self_mask, float scale, bool deterministic)"
-      " -> (Tensor dq, Tensor dk, Tensor dv)");
-  // Online k-means. x [N, H, D] (any float dtype); centroids [H, C, D] fp32/fp64.
+      "routing_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx,"
+      " Tensor? key_padding_mask, Tensor out_seg, Tensor lse, bool causal, int window_left, bool self_mask,"
+      " float scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Online k-means. x [N, H, D], centroids [H, C, D], any float dtypes (sums in fp64 / fixed point).
   // kmeans_assign: int32 [N, H], argmax_c normalize(x).mu_c (first maximum).
   m.def("kmeans_assign(Tensor x, Tensor centroids) -> Tensor");
   // In place: mu_c <- normalize(decay mu_c + (1 - decay) normalize(mean of the normalised x assigned

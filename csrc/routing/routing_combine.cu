@@ -155,7 +155,25 @@ __global__ void cast_kernel(const float* acc, T* out, int64_t n) {
     out[i] = from_f32<T>(acc[i]);
 }
 
+__global__ void key_bias_kernel(const bool* __restrict__ mask, const int* __restrict__ idx, int64_t n, int64_t Hb,
+                                int64_t SW, int L, float* bias) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t b = i / (Hb * SW);
+    const int64_t t = idx != nullptr ? idx[i] : i % SW;
+    bias[i] = mask[b * L + t] ? -INFINITY : 0.f;
+  }
+}
+
 }  // namespace
+
+void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, int64_t SW, int L, float* bias,
+                     cudaStream_t stream) {
+  const int64_t n = B * Hb * SW;
+  if (n == 0) return;
+  key_bias_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(mask, idx, n, Hb, SW, L, bias);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 void launch_build_inverse(const int* idx, int64_t BH, int64_t SW, int L, int* offsets, int* cursor, int* entries,
                           bool counts_only, cudaStream_t stream) {

@@ -165,12 +165,33 @@ void check_cpu_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
   ATTNKIT_CHECK_LAST_CONTIGUOUS(v);
 }
 
+// The core's additive key bias for a key padding mask: -inf on padded keys, in segment space.
+Tensor key_bias_cpu(const Tensor& mask, const AttnShapes& s, const Tensor* ki) {
+  Tensor m = mask.contiguous();
+  Tensor bias = at::zeros(key_bias_shape(s), m.options().dtype(at::kFloat));
+  const bool* mp = m.data_ptr<bool>();
+  float* bp = bias.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (ki == nullptr) {
+    for (int64_t i = 0; i < s.B * s.L; ++i) bp[i] = mp[i] ? ninf : 0.f;
+  } else {
+    const int* ip = ki->data_ptr<int>();
+    const int64_t SW = s.S * s.wk;
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t e = 0; e < s.H * SW; ++e) bp[b * s.H * SW + e] = mp[b * s.L + ip[b * s.H * SW + e]] ? ninf : 0.f;
+  }
+  return bias;
+}
+
 std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                    const std::optional<Tensor>& q_idx,
-                                                   const std::optional<Tensor>& k_idx, bool causal,
-                                                   int64_t window_left, bool self_mask, double scale) {
+                                                   const std::optional<Tensor>& k_idx,
+                                                   const std::optional<Tensor>& key_padding_mask, bool causal,
+                                                   int64_t window_left, bool self_mask, double scale,
+                                                   bool /*deterministic: backward only*/) {
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cpu_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, s, q);
   Tensor qi, ki;
   if (s.indexed) {
     qi = q_idx->contiguous();
@@ -182,17 +203,18 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor
   Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
   Tensor o = s.indexed ? out_seg : out;
   Tensor lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
-  if (o.numel() > 0) {
-    if (s.wk == 0) {  // no key anywhere: every row is fully masked
-      o.zero_();
-      lse.fill_(-std::numeric_limits<float>::infinity());
-    } else {
-      flash::FlashParams p = core_params(s, q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal,
-                                         window_left, self_mask, scale);
-      set_outputs(p, o, lse);
-      flash::flash_fwd_cpu(p);
+  if (o.numel() > 0 && s.wk > 0) {
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      flash::set_bias(p, bias, nullptr);
     }
-  } else if (lse.numel() > 0) {
+    flash::set_output(p, o, lse);
+    flash::flash_fwd_cpu(p);
+  } else {  // no query row, or no key anywhere: every row is fully masked
+    o.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
   }
   if (s.indexed) out = combine(out_seg, qi, s.L, /*mean=*/true);
@@ -201,11 +223,14 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor
 
 std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                    const Tensor& v, const std::optional<Tensor>& q_idx,
-                                                   const std::optional<Tensor>& k_idx, const Tensor& out_seg,
-                                                   const Tensor& lse, bool causal, int64_t window_left,
-                                                   bool self_mask, double scale, bool /*deterministic*/) {
+                                                   const std::optional<Tensor>& k_idx,
+                                                   const std::optional<Tensor>& key_padding_mask,
+                                                   const Tensor& out_seg, const Tensor& lse, bool causal,
+                                                   int64_t window_left, bool self_mask, double scale,
+                                                   bool /*deterministic: the CPU path always is*/) {
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cpu_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, s, q);
   TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
   const int64_t rows_q = s.S * s.wq;
@@ -213,34 +238,39 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
   TORCH_CHECK(out_seg.sizes() == o_shape, "out_seg must have shape ", o_shape, " (got ", out_seg.sizes(), ")");
   TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, rows_q}) && lse.scalar_type() == at::kFloat,
               "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
-  Tensor o = out_seg.contiguous();
+  Tensor o = out_seg.stride(-1) == 1 ? out_seg : out_seg.contiguous();
   Tensor lse_c = lse.contiguous();
-  if (!s.indexed) {
-    Tensor dq = at::zeros_like(q, at::MemoryFormat::Contiguous), dk = at::zeros_like(k, at::MemoryFormat::Contiguous),
-           dv = at::zeros_like(v, at::MemoryFormat::Contiguous);
-    if (dq.numel() > 0) {
-      Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
-      flash::FlashParams p = core_params(s, q, k, v, nullptr, nullptr, causal, window_left, self_mask, scale);
-      set_outputs(p, o, lse_c);
-      set_grads(p, g, dq, dk, dv);
-      flash::flash_bwd_cpu(p);
+  Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  Tensor qi, ki;
+  if (s.indexed) {
+    qi = q_idx->contiguous();
+    ki = k_idx->contiguous();
+    check_index_range_cpu(qi, "q_idx", s.L);
+    check_index_range_cpu(ki, "k_idx", s.L);
+  }
+  auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      flash::set_bias(p, bias, nullptr);
     }
+    flash::set_output(p, o, lse_c);
+    flash::set_backward(p, dseg, dq, dk, dv);
+    flash::flash_bwd_cpu(p);
+  };
+  auto opts = q.options();
+  if (!s.indexed) {
+    Tensor dq = at::zeros({s.B, s.L, s.H, s.D}, opts), dk = at::zeros({s.B, s.L, s.H, s.D}, opts),
+           dv = at::zeros({s.B, s.L, s.H, s.D}, opts);
+    if (dq.numel() > 0) run_core(g, dq, dk, dv);
     return {dq, dk, dv};
   }
-  Tensor qi = q_idx->contiguous(), ki = k_idx->contiguous();
-  check_index_range_cpu(qi, "q_idx", s.L);
-  check_index_range_cpu(ki, "k_idx", s.L);
-  auto opts = q.options();
   Tensor dq_seg = at::zeros({s.B, rows_q, s.H, s.D}, opts);
   Tensor dk_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
   Tensor dv_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
-  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) {
-    Tensor dseg = gather_dout(dout, qi);
-    flash::FlashParams p = core_params(s, q, k, v, &qi, &ki, causal, window_left, self_mask, scale);
-    set_outputs(p, o, lse_c);
-    set_grads(p, dseg, dq_seg, dk_seg, dv_seg);
-    flash::flash_bwd_cpu(p);
-  }
+  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) run_core(gather_dout(g, qi), dq_seg, dk_seg, dv_seg);
   return {combine(dq_seg, qi, s.L, false), combine(dk_seg, ki, s.L, false), combine(dv_seg, ki, s.L, false)};
 }
 

@@ -18,7 +18,7 @@ using at::Tensor;
 ElemType kernel_elem_type(at::ScalarType t, const char* name) {
   TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat, name,
               " must be float16, bfloat16 or float32 on CUDA (got ", t, ")");
-  return elem_type_of(t);
+  return flash::elem_type_of(t);
 }
 
 ScoreParams score_params(const Tensor& x, const Tensor& mu, int64_t B, int64_t L) {
@@ -111,7 +111,7 @@ Tensor combine(const Tensor& seg, const Inverse& inv, int64_t L, bool mean, cuda
   p.D = static_cast<int>(seg.size(3));
   p.mean = mean;
   p.out = out.data_ptr();
-  p.dtype = elem_type_of(seg.scalar_type());
+  p.dtype = flash::elem_type_of(seg.scalar_type());
   launch_combine(p, stream);
   return out;
 }
@@ -126,7 +126,7 @@ Tensor scatter_atomic(const Tensor& seg, const Tensor& idx, int64_t L, cudaStrea
   p.B = static_cast<int>(seg.size(0)), p.L = static_cast<int>(L), p.H = static_cast<int>(seg.size(2)),
   p.D = static_cast<int>(seg.size(3));
   p.acc = acc.data_ptr<float>();
-  p.dtype = elem_type_of(seg.scalar_type());
+  p.dtype = flash::elem_type_of(seg.scalar_type());
   launch_scatter_add_atomic(p, stream);
   Tensor out = at::empty(acc.sizes(), seg.options());
   launch_cast_from_f32(acc.data_ptr<float>(), out.data_ptr(), acc.numel(), p.dtype, stream);
@@ -144,12 +144,23 @@ void check_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v, con
   ATTNKIT_CHECK_LAST_CONTIGUOUS(v);
 }
 
+Tensor key_bias_cuda(const Tensor& mask, const AttnShapes& s, const Tensor* ki, cudaStream_t stream) {
+  Tensor m = mask.contiguous();
+  Tensor bias = at::empty(key_bias_shape(s), m.options().dtype(at::kFloat));
+  launch_key_bias(m.data_ptr<bool>(), ki != nullptr ? ki->data_ptr<int>() : nullptr, s.B, bias.size(1), bias.size(3),
+                  static_cast<int>(s.L), bias.data_ptr<float>(), stream);
+  return bias;
+}
+
 std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
                                                     const std::optional<Tensor>& q_idx,
-                                                    const std::optional<Tensor>& k_idx, bool causal,
-                                                    int64_t window_left, bool self_mask, double scale) {
+                                                    const std::optional<Tensor>& k_idx,
+                                                    const std::optional<Tensor>& key_padding_mask, bool causal,
+                                                    int64_t window_left, bool self_mask, double scale,
+                                                   bool /*deterministic: backward only*/) {
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cuda_attention(q, k, v, s);
+  check_key_padding_mask(key_padding_mask, s, q);
   c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   Tensor qi, ki;
@@ -161,17 +172,18 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q, const Tenso
   Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
   Tensor o = s.indexed ? out_seg : out;
   Tensor lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
-  if (o.numel() > 0) {
-    if (s.wk == 0) {
-      o.zero_();
-      lse.fill_(-std::numeric_limits<float>::infinity());
-    } else {
-      flash::FlashParams p = core_params(s, q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal,
-                                         window_left, self_mask, scale);
-      set_outputs(p, o, lse);
-      flash::flash_fwd(p, stream);
+  if (o.numel() > 0 && s.wk > 0) {
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);
+      flash::set_bias(p, bias, nullptr);
     }
-  } else if (lse.numel() > 0) {
+    flash::set_output(p, o, lse);
+    flash::flash_fwd(p, stream);
+  } else {  // no query row, or no key anywhere: every row is fully masked
+    o.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
   }
   if (s.indexed) {
@@ -187,11 +199,14 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q, const Tenso
 
 std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                     const Tensor& v, const std::optional<Tensor>& q_idx,
-                                                    const std::optional<Tensor>& k_idx, const Tensor& out_seg,
-                                                    const Tensor& lse, bool causal, int64_t window_left,
-                                                    bool self_mask, double scale, bool deterministic) {
+                                                    const std::optional<Tensor>& k_idx,
+                                                    const std::optional<Tensor>& key_padding_mask,
+                                                    const Tensor& out_seg, const Tensor& lse, bool causal,
+                                                    int64_t window_left, bool self_mask, double scale,
+                                                    bool deterministic) {
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cuda_attention(q, k, v, s);
+  check_key_padding_mask(key_padding_mask, s, q);
   TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
   TORCH_CHECK(dout.device() == q.device(), "dout must be on ", q.device());
@@ -206,31 +221,37 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
   Tensor lse_c = lse.contiguous();
   Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
   auto opts = q.options();
-  auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv, const Tensor* qi,
-                      const Tensor* ki) {
+  Tensor qi, ki;
+  if (s.indexed) {
+    qi = q_idx->contiguous();
+    ki = k_idx->contiguous();
+  }
+  auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     const int64_t rows = dq.size(1);
     Tensor delta = at::empty({s.B, s.H, rows}, opts.dtype(at::kFloat));
     Tensor dq_accum = at::zeros({s.B, rows, s.H, s.D}, opts.dtype(at::kFloat));
-    flash::FlashParams p = core_params(s, q, k, v, qi, ki, causal, window_left, self_mask, scale);
-    set_outputs(p, o, lse_c);
-    set_grads(p, dseg, dq, dk, dv);
-    p.delta = delta.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
-    p.dqa_batch_stride = dq_accum.stride(0), p.dqa_row_stride = dq_accum.stride(1),
-    p.dqa_head_stride = dq_accum.stride(2);
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);
+      flash::set_bias(p, bias, nullptr);
+    }
+    flash::set_output(p, o, lse_c);
+    flash::set_backward(p, dseg, dq, dk, dv);
+    flash::set_workspaces(p, delta, dq_accum);
     flash::flash_bwd(p, stream);
   };
   if (!s.indexed) {
     Tensor dq = at::zeros({s.B, s.L, s.H, s.D}, opts), dk = at::zeros({s.B, s.L, s.H, s.D}, opts),
            dv = at::zeros({s.B, s.L, s.H, s.D}, opts);
-    if (dq.numel() > 0) run_core(g, dq, dk, dv, nullptr, nullptr);
+    if (dq.numel() > 0) run_core(g, dq, dk, dv);
     return {dq, dk, dv};
   }
   if (s.B * s.L * s.H * s.D == 0 || rows_q == 0 || rows_k == 0) {
-    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros_like(k, at::MemoryFormat::Contiguous),
-            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+    return {at::zeros({s.B, s.L, s.H, s.D}, opts), at::zeros({s.B, s.L, s.H, s.D}, opts),
+            at::zeros({s.B, s.L, s.H, s.D}, opts)};
   }
-  Tensor qi = q_idx->contiguous(), ki = k_idx->contiguous();
   Inverse inv_q = build_inverse(qi, s.L, /*counts_only=*/!deterministic, stream);
   Tensor dseg = at::empty({s.B, rows_q, s.H, s.D}, opts);
   {
@@ -244,13 +265,13 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
     gp.B = static_cast<int>(s.B), gp.L = static_cast<int>(s.L), gp.H = static_cast<int>(s.H),
     gp.D = static_cast<int>(s.D);
     gp.dseg = dseg.data_ptr();
-    gp.dtype = elem_type_of(q.scalar_type());
+    gp.dtype = flash::elem_type_of(q.scalar_type());
     launch_gather_dout(gp, stream);
   }
   Tensor dq_seg = at::empty({s.B, rows_q, s.H, s.D}, opts);
   Tensor dk_seg = at::empty({s.B, rows_k, s.H, s.D}, opts);
   Tensor dv_seg = at::empty({s.B, rows_k, s.H, s.D}, opts);
-  run_core(dseg, dq_seg, dk_seg, dv_seg, &qi, &ki);
+  run_core(dseg, dq_seg, dk_seg, dv_seg);
   if (!deterministic) {
     return {scatter_atomic(dq_seg, qi, s.L, stream), scatter_atomic(dk_seg, ki, s.L, stream),
             scatter_atomic(dv_seg, ki, s.L, stream)};

@@ -85,6 +85,11 @@ struct ScatterParams {
 void launch_scatter_add_atomic(const ScatterParams& p, cudaStream_t stream);
 void launch_cast_from_f32(const float* acc, void* out, int64_t n, ElemType dtype, cudaStream_t stream);
 
+// Key-padding bias in segment space: bias[(b*Hb + h)*SW + r] = -inf when mask[b, t] else 0, with
+// t = idx[(b*Hb + h)*SW + r] (or t = r when idx is null). mask is contiguous bool [B, L].
+void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, int64_t SW, int L, float* bias,
+                     cudaStream_t stream);
+
 // ---- online k-means ----
 // Per-cluster sums of the normalised vectors: sums[(h*C + c)*D + d] += round(x_n[d] * 2^32) as int64
 // (fixed point, so the atomics are order independent: deterministic), counts[h*C + c] += 1, for every

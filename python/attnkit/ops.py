@@ -1,2 +1,277 @@
 def sparse_query_attention(*a, **k):
     raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing attention (Routing Transformer: online k-means routing, attention inside clusters)
+# ------------------------------------------------------------------------------------------------
+
+import math as _rt_math  # noqa: E402
+
+import torch as _rt_torch  # noqa: E402
+import torch.nn.functional as _rt_F  # noqa: E402
+
+_RT_FLOAT = (_rt_torch.float16, _rt_torch.bfloat16, _rt_torch.float32, _rt_torch.float64)
+
+
+def _rt_tensor(name, t, ndim=None):
+    if not isinstance(t, _rt_torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+
+
+def _rt_float(name, t):
+    if t.dtype not in _RT_FLOAT:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _rt_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _rt_last_contiguous(name, t):
+    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous()")
+
+
+def _rt_like_q(name, t, q):
+    _rt_tensor(name, t, 4)
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if t.shape != q.shape:
+        raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    _rt_last_contiguous(name, t)
+
+
+def _rt_check_centroids(centroids, H, D, device):
+    _rt_tensor("centroids", centroids, 3)
+    _rt_float("centroids", centroids)
+    if centroids.device != device:
+        raise ValueError(f"centroids must be on {device}, got {centroids.device}")
+    if centroids.shape[0] != H or centroids.shape[2] != D or centroids.shape[1] < 1:
+        raise ValueError(f"centroids must have shape [H={H}, C>=1, D={D}], got {tuple(centroids.shape)}")
+
+
+def routing_assign(q, k, centroids, *, window, shared_qk=True):
+    """Balanced routing of the Routing Transformer (no gradient).
+
+    q, k: [B, L, H, D]; centroids: [H, C, D] (unit norm). For each (batch, head, cluster c) returns
+    the ``window`` tokens with the largest normalize(q) . mu_c (queries) and normalize(k) . mu_c (keys),
+    ties going to the lower position, each list sorted by position: ``(q_idx, k_idx)``, both int32
+    [B, H, C, window]. ``shared_qk=True``: keys are normalize(q), k is not read (may be None) and the
+    two lists are equal. Needs 1 <= window <= L.
+    """
+    _rt_tensor("q", q, 4)
+    _rt_float("q", q)
+    _rt_last_contiguous("q", q)
+    _rt_bool("shared_qk", shared_qk)
+    if not shared_qk:
+        if k is None:
+            raise ValueError("k must be given when shared_qk is False")
+        _rt_like_q("k", k, q)
+    B, L, H, D = q.shape
+    _rt_check_centroids(centroids, H, D, q.device)
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if not 1 <= window <= L:
+        raise ValueError(f"window must lie in [1, L={L}], got {window}")
+    q_idx, k_idx, _ = _rt_torch.ops.attnkit.routing_assign(
+        q.detach(), None if shared_qk else k.detach(), centroids.detach(), window, shared_qk, False)
+    return q_idx, k_idx
+
+
+def _rt_check_index(name, idx, B, H, device):
+    _rt_tensor(name, idx, 4)
+    if idx.dtype != _rt_torch.int32:
+        raise TypeError(f"{name} must be int32, got {idx.dtype}")
+    if idx.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {idx.device}")
+    if idx.shape[0] != B or idx.shape[1] != H:
+        raise ValueError(f"{name} must have shape [B={B}, H={H}, C, w], got {tuple(idx.shape)}")
+
+
+def _rt_check_padding(mask, B, L, device):
+    if mask is None:
+        return
+    _rt_tensor("key_padding_mask", mask, 2)
+    if mask.dtype != _rt_torch.bool:
+        raise TypeError(f"key_padding_mask must be bool, got {mask.dtype}")
+    if tuple(mask.shape) != (B, L):
+        raise ValueError(f"key_padding_mask must have shape [B={B}, L={L}], got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device}, got {mask.device}")
+
+
+def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, scale=None, deterministic=True,
+                      key_padding_mask=None):
+    """Attention inside routed clusters (Routing Transformer), on the flash core.
+
+    q, k, v: [B, L, H, D]; q_idx, k_idx: int32 [B, H, C, w] (from :func:`routing_assign`). In cluster
+    c, query token i of q_idx[b, h, c] attends to the key tokens of k_idx[b, h, c]:
+    softmax(scale * q_i . k_j) v_j over the visible keys; ``causal``: only keys at positions <= i;
+    ``shared_qk``: the score of a token with itself is -5e4 (it attends to itself only when nothing
+    else is visible) and k may be None, meaning k = normalize(q) (the Reformer convention; pass
+    k = F.normalize(q, dim=-1) yourself for the same). ``key_padding_mask`` [B, L] bool: True keys are
+    never attended. A query with no visible key in a cluster gets 0 there.
+
+    Returns o [B, L, H, D]: a token's mean over the clusters its query was routed to, 0 when none.
+    Gradients reach q, k, v (never the routing). ``deterministic=False`` lets the CUDA backward
+    scatter with fp32 atomics (slightly faster, run-to-run bit differences); CPU is always deterministic.
+    """
+    _rt_tensor("q", q, 4)
+    _rt_float("q", q)
+    _rt_last_contiguous("q", q)
+    _rt_bool("causal", causal)
+    _rt_bool("shared_qk", shared_qk)
+    _rt_bool("deterministic", deterministic)
+    if k is None:
+        if not shared_qk:
+            raise ValueError("k must be given when shared_qk is False")
+        k = _rt_F.normalize(q, dim=-1)
+    _rt_like_q("k", k, q)
+    _rt_like_q("v", v, q)
+    B, L, H, D = q.shape
+    if D == 0:
+        raise ValueError("q must have a non-zero head dim")
+    _rt_check_index("q_idx", q_idx, B, H, q.device)
+    _rt_check_index("k_idx", k_idx, B, H, q.device)
+    if k_idx.shape[2] != q_idx.shape[2]:
+        raise ValueError(f"k_idx must have as many clusters as q_idx ({q_idx.shape[2]}), got {k_idx.shape[2]}")
+    _rt_check_padding(key_padding_mask, B, L, q.device)
+    scale = _rt_scale(scale, D)
+    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, key_padding_mask, causal, -1, shared_qk,
+                                                  scale, deterministic)
+    return out
+
+
+def _rt_scale(scale, D):
+    if scale is None:
+        return 1.0 / _rt_math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not _rt_math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _routing_local_attention(q, k, v, *, window, causal=True, self_mask=False, scale=None, key_padding_mask=None):
+    """Sliding-window attention through the core's window (the routing module's local heads): token i
+    attends to keys j with i - window < j (and j <= i when causal), i.e. ``window`` keys including
+    itself. q, k, v [B, L, H, D]."""
+    _rt_tensor("q", q, 4)
+    _rt_float("q", q)
+    _rt_last_contiguous("q", q)
+    _rt_like_q("k", k, q)
+    _rt_like_q("v", v, q)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    _rt_check_padding(key_padding_mask, q.shape[0], q.shape[1], q.device)
+    scale = _rt_scale(scale, q.shape[-1])
+    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, None, None, key_padding_mask, causal, window - 1,
+                                                  self_mask, scale, True)
+    return out
+
+
+def _rt_flat(x, centroids, name="x"):
+    _rt_tensor(name, x)
+    _rt_float(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [..., H, D], got {tuple(x.shape)}")
+    H, D = x.shape[-2], x.shape[-1]
+    _rt_check_centroids(centroids, H, D, x.device)
+    x3 = x.reshape(-1, H, D)
+    _rt_last_contiguous(name, x3)
+    return x3
+
+
+def kmeans_assign(x, centroids):
+    """The cluster of every vector: argmax_c normalize(x[..., h, :]) . centroids[h, c] (first maximum),
+    int32 of shape x.shape[:-1]. x: [..., H, D]; centroids: [H, C, D]."""
+    x3 = _rt_flat(x, centroids)
+    a = _rt_torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+    return a.reshape(x.shape[:-1])
+
+
+@_rt_torch.no_grad()
+def kmeans_ema_update_(centroids, x, *, decay, assign=None):
+    """One online k-means step of the Routing Transformer, in place on ``centroids`` [H, C, D]:
+    every vector x[..., h, :] goes to its argmax cluster (or ``assign``, int32 x.shape[:-1]);
+    mu_c <- normalize(decay * mu_c + (1 - decay) * normalize(mean of the normalised vectors of c)).
+    Clusters that got no vector keep their centroid. Returns ``centroids``."""
+    x3 = _rt_flat(x, centroids)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise TypeError(f"decay must be a float, got {type(decay).__name__}")
+    if not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    a = None
+    if assign is not None:
+        _rt_tensor("assign", assign)
+        if assign.dtype != _rt_torch.int32:
+            raise TypeError(f"assign must be int32, got {assign.dtype}")
+        if tuple(assign.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
+        a = assign.reshape(x3.shape[0], x3.shape[1])
+    _rt_torch.ops.attnkit.kmeans_ema_update_(centroids, x3, a, float(decay))
+    return centroids
+
+
+def routing_commitment_loss(x, centroids, assign=None):
+    """mean over the vectors x[..., h, :] of ||normalize(x) - mu_assigned||^2 (the k-means commitment
+    loss; multiply by the commitment weight yourself). Differentiable in x; centroids are constants.
+    ``assign`` (int32 x.shape[:-1]) skips recomputing the clusters."""
+    x3 = _rt_flat(x, centroids)
+    H, C, D = centroids.shape
+    if assign is None:
+        a = _rt_torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+    else:
+        _rt_tensor("assign", assign)
+        if tuple(assign.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
+        a = assign.reshape(x3.shape[0], H)
+    dtype = _rt_torch.promote_types(x.dtype, _rt_torch.float32)
+    xn = _rt_F.normalize(x3.to(dtype), dim=-1)
+    flat = centroids.detach().to(dtype).reshape(H * C, D)
+    offs = _rt_torch.arange(H, device=x.device) * C
+    mu = flat[a.long() + offs]  # [N, H, D]
+    if xn.numel() == 0:
+        return xn.sum()
+    return ((xn - mu) ** 2).sum(-1).mean()
+
+
+@_rt_torch.no_grad()
+def kmeans_init(x, num_clusters, *, iters=10, generator=None):
+    """Initial centroids [H, num_clusters, D] (float32, unit norm) from a batch x [..., H, D]: random
+    distinct vectors per head, then ``iters`` k-means iterations (each cluster moves to the normalised
+    mean of its vectors; clusters that got none keep their vector)."""
+    _rt_tensor("x", x)
+    _rt_float("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [..., H, D], got {tuple(x.shape)}")
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+    H, D = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, H, D)
+    N = x3.shape[0]
+    if N == 0:
+        raise ValueError("x must hold at least one vector")
+    if N >= num_clusters:
+        pick = _rt_torch.stack([_rt_torch.randperm(N, generator=generator)[:num_clusters] for _ in range(H)], 1)
+    else:
+        pick = _rt_torch.randint(0, N, (num_clusters, H), generator=generator)
+    pick = pick.to(x.device)
+    mu = x3[pick, _rt_torch.arange(H, device=x.device)[None, :]]  # [C, H, D]
+    mu = _rt_F.normalize(mu.float().transpose(0, 1).contiguous(), dim=-1)
+    # a vector that is all zeros cannot seed a direction: replace by a fixed random unit vector
+    zero = mu.norm(dim=-1) == 0
+    if zero.any():
+        fill = _rt_F.normalize(_rt_torch.randn(int(zero.sum()), D, generator=generator), dim=-1).to(mu.device)
+        mu[zero] = fill
+    for _ in range(iters):
+        _rt_torch.ops.attnkit.kmeans_ema_update_(mu, x3, None, 0.0)
+    return mu
