@@ -246,9 +246,9 @@ def routing_commitment_loss(x, centroids, assign=None):
 
 @_rt_torch.no_grad()
 def kmeans_init(x, num_clusters, *, iters=10, generator=None):
-    """Initial centroids [H, num_clusters, D] (float32, unit norm) from a batch x [..., H, D]: random
-    distinct vectors per head, then ``iters`` k-means iterations (each cluster moves to the normalised
-    mean of its vectors; clusters that got none keep their vector)."""
+    """Initial centroids [H, num_clusters, D] (float32, unit norm) from a batch x [..., H, D]:
+    greedy k-means++ seeding on the cosine distance (per head), then ``iters`` k-means iterations (each
+    cluster moves to the normalised mean of its vectors; clusters that got none keep their centroid)."""
     _rt_tensor("x", x)
     _rt_float("x", x)
     if x.dim() < 2:
@@ -260,14 +260,25 @@ def kmeans_init(x, num_clusters, *, iters=10, generator=None):
     N = x3.shape[0]
     if N == 0:
         raise ValueError("x must hold at least one vector")
-    if N >= num_clusters:
-        pick = _rt_torch.stack([_rt_torch.randperm(N, generator=generator)[:num_clusters] for _ in range(H)], 1)
-    else:
-        pick = _rt_torch.randint(0, N, (num_clusters, H), generator=generator)
-    pick = pick.to(x.device)
-    mu = x3[pick, _rt_torch.arange(H, device=x.device)[None, :]]  # [C, H, D]
-    mu = _rt_F.normalize(mu.float().transpose(0, 1).contiguous(), dim=-1)
-    # a vector that is all zeros cannot seed a direction: replace by a fixed random unit vector
+    xn = _rt_F.normalize(x3.float(), dim=-1).transpose(0, 1)  # [H, N, D]
+    heads = _rt_torch.arange(H, device=x.device)
+    first = _rt_torch.randint(0, N, (H,), generator=generator).to(x.device)
+    mu = xn.new_zeros(H, num_clusters, D)
+    mu[:, 0] = xn[heads, first]
+    dist = (1 - _rt_torch.einsum("hnd,hd->hn", xn, mu[:, 0])).clamp_min(0)
+    # greedy k-means++: of a few candidates drawn ~ distance, keep the one that lowers the potential most
+    n_try = 2 + int(_rt_math.log(num_clusters))
+    for c in range(1, num_clusters):
+        w = dist.double().cpu()
+        w[w.sum(1) <= 0] = 1.0  # every vector already is a centroid: pick any
+        cand = _rt_torch.multinomial(w, n_try, replacement=True, generator=generator).to(x.device)  # [H, T]
+        d_cand = (1 - _rt_torch.einsum("hnd,htd->htn", xn, xn[heads[:, None], cand])).clamp_min(0)
+        new_dist = _rt_torch.minimum(dist[:, None, :], d_cand)  # [H, T, N]
+        best = new_dist.sum(-1).argmin(-1)  # [H]
+        pick = cand[heads, best]
+        mu[:, c] = xn[heads, pick]
+        dist = new_dist[heads, best]
+    # an all-zero vector cannot seed a direction: replace by a random unit vector
     zero = mu.norm(dim=-1) == 0
     if zero.any():
         fill = _rt_F.normalize(_rt_torch.randn(int(zero.sum()), D, generator=generator), dim=-1).to(mu.device)

@@ -58,7 +58,7 @@ def routing_membership_ref(idx: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def routing_attention_ref(q, k, v, q_idx, k_idx, causal=True, shared_qk=True, scale=None,
-                          window_left=-1, dtype=torch.float64):
+                          window_left=-1, key_padding_mask=None, dtype=torch.float64):
     """Routing attention with dense masks (O(C L^2) memory per head: tests only).
 
     For every cluster c a dense [L, L] mask says which (query token, key token) pairs interact:
@@ -76,6 +76,8 @@ def routing_attention_ref(q, k, v, q_idx, k_idx, causal=True, shared_qk=True, sc
     qd, kd, vd = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     in_q = routing_membership_ref(q_idx, L)
     in_k = routing_membership_ref(k_idx, L)
+    if key_padding_mask is not None:
+        in_k = in_k & ~key_padding_mask[:, None, None, :]
     pos = torch.arange(L, device=q.device)
     allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if causal:
