@@ -108,6 +108,8 @@ void set_workspaces(FlashParams& p, const at::Tensor& delta, const at::Tensor& d
   TORCH_CHECK(delta.scalar_type() == at::kFloat && dq_accum.scalar_type() == at::kFloat,
               "flash core: delta and dq_accum must be float32");
   TORCH_CHECK(delta.is_contiguous() && dq_accum.is_contiguous(), "flash core: delta and dq_accum must be contiguous");
+  TORCH_CHECK(delta.dim() == 3 && delta.stride(0) == p.lse_batch_stride && delta.stride(1) == p.lse_head_stride,
+              "flash core: delta must have the layout of lse (call set_output first)");
   p.delta = delta.data_ptr<float>();
   p.dq_accum = dq_accum.data_ptr<float>();
   p.dqa_batch_stride = dq_accum.stride(0);
@@ -166,6 +168,16 @@ void set_segments(FlashParams& p, const at::Tensor& q_index, const at::Tensor& k
   p.q_index_head_stride = q_index.stride(1);
   p.k_index_batch_stride = k_index.stride(0);
   p.k_index_head_stride = k_index.stride(1);
+}
+
+at::Tensor cuda_aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; ok && d + 1 < t.dim(); ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;
+  ok = ok && (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1);
+  if (ok) return t;
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
+  return c;
 }
 
 }  // namespace attnkit::flash

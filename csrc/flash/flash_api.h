@@ -54,4 +54,8 @@ void set_row_threshold(FlashParams& p, const at::Tensor& thr, const at::Tensor& 
 // contiguous. Sets num_segments = S, seqlen_q = wq, seqlen_k = wk.
 void set_segments(FlashParams& p, const at::Tensor& q_index, const at::Tensor& k_index);
 
+// The CUDA kernels copy 16-byte chunks: the data pointer must be 16-byte aligned and every stride but
+// the last a multiple of 8 elements. Returns t itself when it is, else a contiguous aligned copy.
+at::Tensor cuda_aligned(const at::Tensor& t);
+
 }  // namespace attnkit::flash

@@ -22,6 +22,7 @@
 // that the innermost loop runs over contiguous keys (vectorisable without reassociating a
 // reduction); the products P.V, dS.K, P^T.dout and dS^T.q run over the contiguous head dim.
 #include "flash/flash_cpu.h"
+#include "flash/flash_validate.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -525,22 +526,15 @@ void dispatch_elem(ElemType t, Fn&& fn) {
   }
 }
 
-void check_params(const FlashParams& p) {
-  TORCH_CHECK(p.h_q > 0 && p.h_kv > 0 && p.h_out == p.h_q * p.q_group && p.h_out == p.h_kv * p.kv_group,
-              "flash core (CPU): inconsistent head counts");
-  TORCH_CHECK(p.num_segments >= 1, "flash core (CPU): num_segments must be >= 1");
-  TORCH_CHECK(!p.bias || p.bias_head_group >= 1, "flash core (CPU): bias_head_group must be >= 1");
-}
-
 }  // namespace
 
 void flash_fwd_cpu(const FlashParams& params) {
-  check_params(params);
+  check_flash_params(params);
   dispatch_elem(params.dtype, [&](auto tag) { fwd_impl<decltype(tag)>(params); });
 }
 
 void flash_bwd_cpu(const FlashParams& params) {
-  check_params(params);
+  check_flash_params(params);
   dispatch_elem(params.dtype, [&](auto tag) { bwd_impl<decltype(tag)>(params); });
 }
 
