@@ -44,14 +44,17 @@ TORCH_LIBRARY(attnkit, m) {
   // w tokens with the largest normalize(x).mu_c (ties to the lower position), sorted by position.
   // shared_qk: k is not read (may be None) and k_idx equals q_idx. with_assign: also the argmax cluster
   // of every token, int32 [B, L, H] (q) or [2B, L, H] (q then k), for the k-means step; else empty.
+  // key_padding_mask [B, L] bool: padded tokens rank below every other token (score -inf), so they
+  // enter no list while window <= the number of unpadded tokens.
   m.def(
-      "routing_assign(Tensor q, Tensor? k, Tensor centroids, int window, bool shared_qk, bool with_assign=False)"
-      " -> (Tensor q_idx, Tensor k_idx, Tensor assign)");
+      "routing_assign(Tensor q, Tensor? k, Tensor centroids, int window, bool shared_qk, bool with_assign=False,"
+      " Tensor? key_padding_mask=None) -> (Tensor q_idx, Tensor k_idx, Tensor assign)");
   // Attention inside clusters: out [B, L, H, D] (mean over the clusters a token's query is routed to,
   // 0 when none), out_seg [B, C*wq, H, D] and lse [B, H, C*wq] fp32 in segment space (saved for the
   // backward). With q_idx = k_idx = None: one segment holding the whole sequence (local heads), out_seg
   // is empty and the backward takes out in its place. key_padding_mask [B, L] bool: True keys are never
-  // attended. window_left < 0: no window. self_mask: the score of a query with its own token is -5e4.
+  // attended; only without q_idx / k_idx (the core takes no bias with segments: route padded tokens
+  // out with routing_assign's key_padding_mask instead). window_left < 0: no window. self_mask: the score of a query with its own token is -5e4.
   // deterministic is read by the backward only (routing_bwd; False: fp32 atomics on CUDA); the forward
   // takes it so that autograd can pass it on.
   m.def(

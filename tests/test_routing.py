@@ -112,8 +112,7 @@ def _check_attention(q, k, v, q_idx, k_idx, causal, shared_qk, key_padding_mask=
     dtype = q.dtype
     qa, va = _leaf(q), _leaf(v)
     ka = None if k is None else _leaf(k)
-    out = attnkit.routing_attention(qa, ka, va, q_idx, k_idx, causal=causal, shared_qk=shared_qk, scale=scale,
-                                    key_padding_mask=key_padding_mask)
+    out = attnkit.routing_attention(qa, ka, va, q_idx, k_idx, causal=causal, shared_qk=shared_qk, scale=scale)
     assert out.dtype == dtype and out.shape == q.shape
     kw = dict(causal=causal, shared_qk=shared_qk, scale=scale, key_padding_mask=key_padding_mask)
     cpu = [None if t is None else t.detach().cpu() for t in (q, k, v)]
@@ -232,15 +231,35 @@ def test_shared_qk_self_attends_only_when_alone(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared_qk", [True, False])
 def test_key_padding_mask(device, shared_qk):
+    # padded tokens rank last in routing_assign: with window <= the unpadded length no list holds
+    # one, so attention inside the clusters equals the reference with the padded keys masked
     dtype = torch.float32 if device == "cpu" else torch.float16
     L = 30
     q, k, v = _qkv(2, L, 2, 32, dtype, device, seed=6)
     mu = _centroids(2, 3, 32, device)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=12, shared_qk=shared_qk)
     pad = torch.zeros(2, L, dtype=torch.bool)
     pad[0, 20:] = True
     pad[1, ::4] = True
+    w = 12
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=w, shared_qk=shared_qk, key_padding_mask=pad.to(device))
+    ref_q, ref_k = R.routing_assign_ref(q.cpu().double(), None if shared_qk else k.cpu().double(), mu.cpu(), w,
+                                        shared_qk, key_padding_mask=pad)
+    if device == "cpu":
+        assert torch.equal(q_idx.long(), ref_q) and torch.equal(k_idx.long(), ref_k)
+    for idx in (q_idx, k_idx):
+        assert not pad.gather(1, idx.cpu().long().view(2, -1)).any(), "a padded token was routed"
     _check_attention(q, None if shared_qk else k, v, q_idx, k_idx, False, shared_qk, key_padding_mask=pad.to(device))
+    # window larger than an unpadded length: padded tokens fill the remaining slots, last
+    q_idx, _ = attnkit.routing_assign(q, None, mu, window=25, key_padding_mask=pad.to(device))
+    assert int(pad[0].gather(0, q_idx[0, 0, 0].cpu().long()).sum()) == 5
+
+
+def test_key_padding_mask_rejected_with_clusters():
+    q, k, v = _qkv(1, 10, 2, 32, torch.float32, "cpu")
+    idx = torch.zeros(1, 2, 3, 4, dtype=torch.int32)
+    pad = torch.zeros(1, 10, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="key_padding_mask"):
+        torch.ops.attnkit.routing_fwd(q, k, v, idx, idx, pad, True, -1, False, 0.3)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -370,12 +389,13 @@ def test_opcheck(device):
     ops = torch.ops.attnkit
     torch.library.opcheck(ops.routing_assign.default, (q, k, mu, 7, False, True))
     torch.library.opcheck(ops.routing_assign.default, (q, None, mu, 7, True, False))
+    torch.library.opcheck(ops.routing_assign.default, (q, k, mu, 7, False, True, torch.rand(2, 19, device=device) < 0.3))
     q_idx, k_idx, _ = ops.routing_assign(q, k, mu, 7, False)
     pad = torch.zeros(2, 19, dtype=torch.bool, device=device)
     pad[:, -3:] = True
     qa, ka, va = (_leaf(t) for t in (q, k, v))
     torch.library.opcheck(ops.routing_fwd.default, (qa, ka, va, q_idx, k_idx, None, True, -1, False, 0.3, True))
-    torch.library.opcheck(ops.routing_fwd.default, (qa, ka, va, q_idx, k_idx, pad, False, -1, True, 0.3, True))
+    torch.library.opcheck(ops.routing_fwd.default, (qa, ka, va, q_idx, k_idx, None, False, -1, True, 0.3, False))
     torch.library.opcheck(ops.routing_fwd.default, (qa, ka, va, None, None, pad, True, 4, True, 0.3, True))
     with torch.no_grad():
         out, out_seg, lse = ops.routing_fwd(q, k, v, q_idx, k_idx, None, True, -1, False, 0.3)
@@ -467,9 +487,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="scale"):
         attnkit.routing_attention(q, k, v, idx, idx, scale="x")
     with pytest.raises(ValueError, match="key_padding_mask"):
-        attnkit.routing_attention(q, k, v, idx, idx, key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
+        attnkit.routing_assign(q, k, mu, window=2, key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
-        attnkit.routing_attention(q, k, v, idx, idx, key_padding_mask=torch.zeros(1, 10))
+        attnkit.routing_assign(q, k, mu, window=2, key_padding_mask=torch.zeros(1, 10))
     with pytest.raises(RuntimeError, match="q_idx values"):
         attnkit.routing_attention(q, k, v, idx + 10, idx)
     with pytest.raises(RuntimeError, match="k_idx values"):

@@ -56,8 +56,8 @@ Tensor routing_scores(const Tensor& x, const Tensor& mu) {
 
 std::tuple<Tensor, Tensor, Tensor> routing_assign_cpu(const Tensor& q, const std::optional<Tensor>& k,
                                                       const Tensor& centroids, int64_t window, bool shared_qk,
-                                                      bool with_assign) {
-  check_assign_inputs(q, k, centroids, window, shared_qk);
+                                                      bool with_assign, const std::optional<Tensor>& key_padding_mask) {
+  check_assign_inputs(q, k, centroids, window, shared_qk, key_padding_mask);
   ATTNKIT_CHECK_DEVICE(q, at::Device(at::kCPU));
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2), C = centroids.size(1);
   const at::ScalarType acc = acc_type_for(q.scalar_type());
@@ -70,11 +70,15 @@ std::tuple<Tensor, Tensor, Tensor> routing_assign_cpu(const Tensor& q, const std
   if (B * H * L == 0) return {q_idx, k_idx, assign};
   auto run = [&](const Tensor& x, Tensor& out, int64_t i) {
     Tensor sc = routing_scores(x, mu);
+    if (with_assign)  // first maximum over the clusters (padding does not change a token's cluster)
+      assign.narrow(0, i * B, B).copy_(sc.view({B, H, C, L}).argmax(2).permute({0, 2, 1}));
+    if (key_padding_mask.has_value())  // padded tokens rank last
+      sc = sc.view({B, H, C, L})
+               .masked_fill(key_padding_mask->reshape({B, 1, 1, L}), -std::numeric_limits<double>::infinity())
+               .view({-1, L});
     Tensor o2 = out.view({-1, window});
     if (acc == at::kDouble) topw_rows<double>(sc, window, o2);
     else topw_rows<float>(sc, window, o2);
-    if (with_assign)  // first maximum over the clusters
-      assign.narrow(0, i * B, B).copy_(sc.view({B, H, C, L}).argmax(2).permute({0, 2, 1}));
   };
   run(q, q_idx, 0);
   if (shared_qk) k_idx.copy_(q_idx);

@@ -39,10 +39,10 @@ ScoreParams score_params(const Tensor& x, const Tensor& mu, int64_t B, int64_t L
 
 // Returns (q_idx, k_idx, assign): assign is [(1 or 2) * B, L, H] int32 (the argmax cluster of q, then
 // of k when not shared) when with_assign, else empty.
-std::tuple<Tensor, Tensor, Tensor> routing_assign_impl(const Tensor& q, const std::optional<Tensor>& k,
+std::tuple<Tensor, Tensor, Tensor> routing_assign_cuda(const Tensor& q, const std::optional<Tensor>& k,
                                                        const Tensor& centroids, int64_t window, bool shared_qk,
-                                                       bool with_assign) {
-  check_assign_inputs(q, k, centroids, window, shared_qk);
+                                                       bool with_assign, const std::optional<Tensor>& key_padding_mask) {
+  check_assign_inputs(q, k, centroids, window, shared_qk, key_padding_mask);
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
   ATTNKIT_CHECK_LAST_CONTIGUOUS(q);
   if (!shared_qk) ATTNKIT_CHECK_LAST_CONTIGUOUS((*k));
@@ -59,11 +59,13 @@ std::tuple<Tensor, Tensor, Tensor> routing_assign_impl(const Tensor& q, const st
   const int64_t rows = B * H * C;
   Tensor scores = at::empty({nx * rows, L}, q.options().dtype(at::kFloat));
   Tensor best = with_assign ? at::zeros({nx * B * H * L}, q.options().dtype(at::kLong)) : Tensor();
+  Tensor pad = key_padding_mask.has_value() ? key_padding_mask->contiguous() : Tensor();
   for (int64_t i = 0; i < nx; ++i) {
     const Tensor& x = i == 0 ? q : *k;
     ScoreParams p = score_params(x, mu, B, L);
     p.scores = scores.data_ptr<float>() + i * rows * L;
     p.best = with_assign ? reinterpret_cast<unsigned long long*>(best.data_ptr<int64_t>()) + i * B * H * L : nullptr;
+    p.pad = pad.defined() ? pad.data_ptr<bool>() : nullptr;
     launch_routing_scores(p, stream);
   }
   launch_topw_select(scores.data_ptr<float>(), nx * rows, rows, static_cast<int>(L), static_cast<int>(window),
@@ -73,12 +75,6 @@ std::tuple<Tensor, Tensor, Tensor> routing_assign_impl(const Tensor& q, const st
     launch_extract_assign(reinterpret_cast<const unsigned long long*>(best.data_ptr<int64_t>()), nx * B,
                           static_cast<int>(H), static_cast<int>(L), assign.data_ptr<int>(), stream);
   return {q_idx, k_idx, assign};
-}
-
-std::tuple<Tensor, Tensor, Tensor> routing_assign_cuda(const Tensor& q, const std::optional<Tensor>& k,
-                                                       const Tensor& centroids, int64_t window, bool shared_qk,
-                                                       bool with_assign) {
-  return routing_assign_impl(q, k, centroids, window, shared_qk, with_assign);
 }
 
 struct Inverse {
@@ -152,14 +148,16 @@ Tensor key_bias_cuda(const Tensor& mask, const AttnShapes& s, const Tensor* ki, 
   return bias;
 }
 
-std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                     const std::optional<Tensor>& q_idx,
                                                     const std::optional<Tensor>& k_idx,
                                                     const std::optional<Tensor>& key_padding_mask, bool causal,
                                                     int64_t window_left, bool self_mask, double scale,
                                                    bool /*deterministic: backward only*/) {
-  const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
-  check_cuda_attention(q, k, v, s);
+  const AttnShapes s = check_attention_inputs(q_in, k_in, v_in, q_idx, k_idx);
+  check_cuda_attention(q_in, k_in, v_in, s);
+  // the core copies 16-byte chunks: aligned pointers and strides (a copy only when needed)
+  const Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   check_key_padding_mask(key_padding_mask, s, q);
   c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -197,15 +195,16 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q, const Tenso
   return {out, out_seg, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
-                                                    const Tensor& v, const std::optional<Tensor>& q_idx,
+std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Tensor& q_in, const Tensor& k_in,
+                                                    const Tensor& v_in, const std::optional<Tensor>& q_idx,
                                                     const std::optional<Tensor>& k_idx,
                                                     const std::optional<Tensor>& key_padding_mask,
                                                     const Tensor& out_seg, const Tensor& lse, bool causal,
                                                     int64_t window_left, bool self_mask, double scale,
                                                     bool deterministic) {
-  const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
-  check_cuda_attention(q, k, v, s);
+  const AttnShapes s = check_attention_inputs(q_in, k_in, v_in, q_idx, k_idx);
+  check_cuda_attention(q_in, k_in, v_in, s);
+  const Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   check_key_padding_mask(key_padding_mask, s, q);
   TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
   TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
@@ -217,9 +216,9 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
               "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
   c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  Tensor o = out_seg.stride(-1) == 1 ? out_seg : out_seg.contiguous();
+  Tensor o = flash::cuda_aligned(out_seg);
   Tensor lse_c = lse.contiguous();
-  Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  Tensor g = flash::cuda_aligned(dout);
   auto opts = q.options();
   Tensor qi, ki;
   if (s.indexed) {

@@ -95,6 +95,9 @@ inline void check_key_padding_mask(const std::optional<at::Tensor>& m, const Att
   TORCH_CHECK(m->dim() == 2 && m->size(0) == s.B && m->size(1) == s.L, "key_padding_mask must have shape [B=", s.B,
               ", L=", s.L, "] (got ", m->sizes(), ")");
   TORCH_CHECK(m->device() == q.device(), "key_padding_mask must be on ", q.device(), " (got ", m->device(), ")");
+  TORCH_CHECK(!s.indexed || s.S == 1,
+              "key_padding_mask cannot be combined with q_idx / k_idx (the flash core takes no bias with segments): "
+              "pass it to routing_assign, which keeps padded tokens out of the clusters");
 }
 
 inline std::vector<int64_t> key_bias_shape(const AttnShapes& s) {
@@ -104,7 +107,14 @@ inline std::vector<int64_t> key_bias_shape(const AttnShapes& s) {
 // ---- routing_assign / k-means argument checks ----
 
 inline void check_assign_inputs(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& centroids,
-                                int64_t window, bool shared_qk) {
+                                int64_t window, bool shared_qk, const std::optional<at::Tensor>& key_padding_mask) {
+  if (key_padding_mask.has_value()) {
+    const at::Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, "key_padding_mask must be bool (got ", m.scalar_type(), ")");
+    TORCH_CHECK(q.dim() != 4 || (m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == q.size(1)),
+                "key_padding_mask must have shape [B, L] (got ", m.sizes(), ")");
+    TORCH_CHECK(m.device() == q.device(), "key_padding_mask must be on ", q.device(), " (got ", m.device(), ")");
+  }
   TORCH_CHECK(q.dim() == 4, "q must have 4 dimensions [B, L, H, D] (got ", q.dim(), ")");
   TORCH_CHECK(at::isFloatingType(q.scalar_type()), "q must be a floating tensor (got ", q.scalar_type(), ")");
   TORCH_CHECK(centroids.dim() == 3, "centroids must have 3 dimensions [H, C, D] (got ", centroids.dim(), ")");

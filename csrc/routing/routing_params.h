@@ -24,6 +24,7 @@ struct ScoreParams {
   int B, L, H, C, D;
   float* scores;                 // [B*H*C, L] or null
   unsigned long long* best;      // [B*H*L] or null
+  const bool* pad;               // [B, L] contiguous or null: stored scores of padded tokens are -inf
 };
 void launch_routing_scores(const ScoreParams& p, cudaStream_t stream);
 // assign[(b*L + l)*H + h] = the cluster packed in best[(b*H + h)*L + l] (int32).

@@ -83,7 +83,10 @@ __global__ void __launch_bounds__(kScoreThreads) routing_scores_kernel(ScorePara
       const int c = c0 + ty + 16 * j;
       const float s = acc[i][j] * inv_norm[r];
       if (l < p.L && c < p.C) {
-        if (p.scores != nullptr) p.scores[(static_cast<int64_t>(bh) * p.C + c) * p.L + l] = s;
+        if (p.scores != nullptr) {
+          const bool padded = p.pad != nullptr && p.pad[static_cast<int64_t>(b) * p.L + l];
+          p.scores[(static_cast<int64_t>(bh) * p.C + c) * p.L + l] = padded ? -INFINITY : s;
+        }
         const unsigned long long key =
             (static_cast<unsigned long long>(score_key(s)) << 32) | static_cast<unsigned>(0xFFFFFFFFu - c);
         mine = key > mine ? key : mine;

@@ -29,7 +29,7 @@ def _sqa_bwd_fake(dout, q, k, v, out, lse, causal, scale):
 
 
 @torch.library.register_fake("attnkit::routing_assign")
-def _routing_assign_fake(q, k, centroids, window, shared_qk, with_assign=False):
+def _routing_assign_fake(q, k, centroids, window, shared_qk, with_assign=False, key_padding_mask=None):
     B, L, H, _ = q.shape
     C = centroids.shape[1]
     q_idx = q.new_empty((B, H, C, window), dtype=torch.int32)

@@ -175,7 +175,7 @@ def _rt_check_centroids(centroids, H, D, device):
         raise ValueError(f"centroids must have shape [H={H}, C>=1, D={D}], got {tuple(centroids.shape)}")
 
 
-def routing_assign(q, k, centroids, *, window, shared_qk=True):
+def routing_assign(q, k, centroids, *, window, shared_qk=True, key_padding_mask=None):
     """Balanced routing of the Routing Transformer (no gradient).
 
     q, k: [B, L, H, D]; centroids: [H, C, D] (unit norm). For each (batch, head, cluster c) returns
@@ -183,6 +183,10 @@ def routing_assign(q, k, centroids, *, window, shared_qk=True):
     ties going to the lower position, each list sorted by position: ``(q_idx, k_idx)``, both int32
     [B, H, C, window]. ``shared_qk=True``: keys are normalize(q), k is not read (may be None) and the
     two lists are equal. Needs 1 <= window <= L.
+
+    ``key_padding_mask`` [B, L] bool (True = padding): padded tokens rank below all others, so no list
+    holds one as long as ``window`` <= the number of unpadded tokens of every sequence (which makes
+    key padding exact inside :func:`routing_attention`).
     """
     _rt_tensor("q", q, 4)
     _rt_float("q", q)
@@ -198,8 +202,9 @@ def routing_assign(q, k, centroids, *, window, shared_qk=True):
         raise TypeError(f"window must be an int, got {type(window).__name__}")
     if not 1 <= window <= L:
         raise ValueError(f"window must lie in [1, L={L}], got {window}")
+    _rt_check_padding(key_padding_mask, B, L, q.device)
     q_idx, k_idx, _ = _rt_torch.ops.attnkit.routing_assign(
-        q.detach(), None if shared_qk else k.detach(), centroids.detach(), window, shared_qk, False)
+        q.detach(), None if shared_qk else k.detach(), centroids.detach(), window, shared_qk, False, key_padding_mask)
     return q_idx, k_idx
 
 
@@ -225,8 +230,7 @@ def _rt_check_padding(mask, B, L, device):
         raise ValueError(f"key_padding_mask must be on {device}, got {mask.device}")
 
 
-def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, scale=None, deterministic=True,
-                      key_padding_mask=None):
+def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, scale=None, deterministic=True):
     """Attention inside routed clusters (Routing Transformer), on the flash core.
 
     q, k, v: [B, L, H, D]; q_idx, k_idx: int32 [B, H, C, w] (from :func:`routing_assign`). In cluster
@@ -234,8 +238,8 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, sca
     softmax(scale * q_i . k_j) v_j over the visible keys; ``causal``: only keys at positions <= i;
     ``shared_qk``: the score of a token with itself is -5e4 (it attends to itself only when nothing
     else is visible) and k may be None, meaning k = normalize(q) (the Reformer convention; pass
-    k = F.normalize(q, dim=-1) yourself for the same). ``key_padding_mask`` [B, L] bool: True keys are
-    never attended. A query with no visible key in a cluster gets 0 there.
+    k = F.normalize(q, dim=-1) yourself for the same). A query with no visible key in a cluster gets 0
+    there. Key padding: route padded tokens out with ``routing_assign(..., key_padding_mask=...)``.
 
     Returns o [B, L, H, D]: a token's mean over the clusters its query was routed to, 0 when none.
     Gradients reach q, k, v (never the routing). ``deterministic=False`` lets the CUDA backward
@@ -260,10 +264,9 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, sca
     _rt_check_index("k_idx", k_idx, B, H, q.device)
     if k_idx.shape[2] != q_idx.shape[2]:
         raise ValueError(f"k_idx must have as many clusters as q_idx ({q_idx.shape[2]}), got {k_idx.shape[2]}")
-    _rt_check_padding(key_padding_mask, B, L, q.device)
     scale = _rt_scale(scale, D)
-    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, key_padding_mask, causal, -1, shared_qk,
-                                                  scale, deterministic)
+    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, None, causal, -1, shared_qk, scale,
+                                                  deterministic)
     return out
 
 

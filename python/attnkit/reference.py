@@ -96,14 +96,22 @@ def routing_topw_ref(scores: torch.Tensor, window: int) -> torch.Tensor:
     return torch.sort(order[..., :window], dim=-1).values
 
 
-def routing_assign_ref(q, k, centroids, window, shared_qk=True):
+def routing_assign_ref(q, k, centroids, window, shared_qk=True, key_padding_mask=None):
     """Balanced routing: for cluster c the queries are the `window` tokens with the largest
     normalize(q).mu_c, the keys those with the largest normalize(k).mu_c. Returns int64 lists
-    [B, H, C, window] sorted by position. shared_qk: keys are normalize(q), so both lists are the same."""
-    q_idx = routing_topw_ref(routing_scores_ref(q, centroids), window)
+    [B, H, C, window] sorted by position. shared_qk: keys are normalize(q), so both lists are the same.
+    key_padding_mask [B, L] (True = padded): padded tokens score -inf (rank last)."""
+
+    def scores(x):
+        s = routing_scores_ref(x, centroids)
+        if key_padding_mask is not None:
+            s = s.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return s
+
+    q_idx = routing_topw_ref(scores(q), window)
     if shared_qk:
         return q_idx, q_idx.clone()
-    return q_idx, routing_topw_ref(routing_scores_ref(k, centroids), window)
+    return q_idx, routing_topw_ref(scores(k), window)
 
 
 def routing_membership_ref(idx: torch.Tensor, L: int) -> torch.Tensor:

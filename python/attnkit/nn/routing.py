@@ -33,8 +33,10 @@ class RoutingAttention(nn.Module):
     the k-means commitment loss (add it to the task loss).
 
     ``key_padding_mask`` [B, L] bool, True = padding: padded keys are never attended, padded tokens
-    take no part in the k-means update or the commitment loss, and their outputs are 0. (They are
-    still routed: a padded token can occupy a cluster slot.)
+    take no part in the k-means update or the commitment loss, and their outputs are 0. Routing heads
+    keep padded tokens out of the clusters (they rank last), and the cluster window shrinks to the
+    shortest unpadded length of the batch when that is smaller (sequences with no unpadded token
+    excepted).
     """
 
     def __init__(self, embed_dim, num_heads, num_clusters, window=None, causal=True, local_heads=0, local_window=256,
@@ -111,10 +113,14 @@ class RoutingAttention(nn.Module):
                     self.centroids.copy_(kmeans_init(xi, self.num_clusters, iters=self.kmeans_init_iters))
                     self.centroids_initialized.fill_(True)
             w = min(self.window if self.window is not None else max(1, L // self.num_clusters), L)
+            if pad is not None:
+                n_valid = (~pad).sum(1)
+                n_valid = n_valid[n_valid > 0]
+                if n_valid.numel() > 0:  # keep every list free of padding
+                    w = max(1, min(w, int(n_valid.min())))
             q_idx, k_idx, assign = torch.ops.attnkit.routing_assign(
-                qr.detach(), None if self.shared_qk else kr.detach(), self.centroids, w, self.shared_qk, True)
-            outs.append(routing_attention(qr, kr, vr, q_idx, k_idx, causal=self.causal, shared_qk=self.shared_qk,
-                                          key_padding_mask=pad))
+                qr.detach(), None if self.shared_qk else kr.detach(), self.centroids, w, self.shared_qk, True, pad)
+            outs.append(routing_attention(qr, kr, vr, q_idx, k_idx, causal=self.causal, shared_qk=self.shared_qk))
             if valid is not None:
                 xs, assign = xs[valid], assign[valid]
             if self.commitment > 0:
