@@ -124,50 +124,27 @@ def sparse_query_attention(q, k, v, *, causal=False, scale=None, return_lse=Fals
 # Routing attention (Routing Transformer: online k-means routing, attention inside clusters)
 # ------------------------------------------------------------------------------------------------
 
-import math as _rt_math  # noqa: E402
-
-import torch as _rt_torch  # noqa: E402
 import torch.nn.functional as _rt_F  # noqa: E402
-
-_RT_FLOAT = (_rt_torch.float16, _rt_torch.bfloat16, _rt_torch.float32, _rt_torch.float64)
-
-
-def _rt_tensor(name, t, ndim=None):
-    if not isinstance(t, _rt_torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
 
 
 def _rt_float(name, t):
-    if t.dtype not in _RT_FLOAT:
+    if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def _rt_bool(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _rt_last_contiguous(name, t):
-    if t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension; call .contiguous()")
-
-
 def _rt_like_q(name, t, q):
-    _rt_tensor(name, t, 4)
+    _check_tensor(name, t, 4)
     if t.dtype != q.dtype:
         raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
     if t.device != q.device:
         raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
     if t.shape != q.shape:
         raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
-    _rt_last_contiguous(name, t)
+    _check_last_dim_contiguous(name, t)
 
 
 def _rt_check_centroids(centroids, H, D, device):
-    _rt_tensor("centroids", centroids, 3)
+    _check_tensor("centroids", centroids, 3)
     _rt_float("centroids", centroids)
     if centroids.device != device:
         raise ValueError(f"centroids must be on {device}, got {centroids.device}")
@@ -188,10 +165,10 @@ def routing_assign(q, k, centroids, *, window, shared_qk=True, key_padding_mask=
     holds one as long as ``window`` <= the number of unpadded tokens of every sequence (which makes
     key padding exact inside :func:`routing_attention`).
     """
-    _rt_tensor("q", q, 4)
+    _check_tensor("q", q, 4)
     _rt_float("q", q)
-    _rt_last_contiguous("q", q)
-    _rt_bool("shared_qk", shared_qk)
+    _check_last_dim_contiguous("q", q)
+    _check_bool("shared_qk", shared_qk)
     if not shared_qk:
         if k is None:
             raise ValueError("k must be given when shared_qk is False")
@@ -203,14 +180,14 @@ def routing_assign(q, k, centroids, *, window, shared_qk=True, key_padding_mask=
     if not 1 <= window <= L:
         raise ValueError(f"window must lie in [1, L={L}], got {window}")
     _rt_check_padding(key_padding_mask, B, L, q.device)
-    q_idx, k_idx, _ = _rt_torch.ops.attnkit.routing_assign(
+    q_idx, k_idx, _ = torch.ops.attnkit.routing_assign(
         q.detach(), None if shared_qk else k.detach(), centroids.detach(), window, shared_qk, False, key_padding_mask)
     return q_idx, k_idx
 
 
 def _rt_check_index(name, idx, B, H, device):
-    _rt_tensor(name, idx, 4)
-    if idx.dtype != _rt_torch.int32:
+    _check_tensor(name, idx, 4)
+    if idx.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {idx.dtype}")
     if idx.device != device:
         raise ValueError(f"{name} must be on the device of q ({device}), got {idx.device}")
@@ -221,8 +198,8 @@ def _rt_check_index(name, idx, B, H, device):
 def _rt_check_padding(mask, B, L, device):
     if mask is None:
         return
-    _rt_tensor("key_padding_mask", mask, 2)
-    if mask.dtype != _rt_torch.bool:
+    _check_tensor("key_padding_mask", mask, 2)
+    if mask.dtype != torch.bool:
         raise TypeError(f"key_padding_mask must be bool, got {mask.dtype}")
     if tuple(mask.shape) != (B, L):
         raise ValueError(f"key_padding_mask must have shape [B={B}, L={L}], got {tuple(mask.shape)}")
@@ -245,12 +222,12 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, sca
     Gradients reach q, k, v (never the routing). ``deterministic=False`` lets the CUDA backward
     scatter with fp32 atomics (slightly faster, run-to-run bit differences); CPU is always deterministic.
     """
-    _rt_tensor("q", q, 4)
+    _check_tensor("q", q, 4)
     _rt_float("q", q)
-    _rt_last_contiguous("q", q)
-    _rt_bool("causal", causal)
-    _rt_bool("shared_qk", shared_qk)
-    _rt_bool("deterministic", deterministic)
+    _check_last_dim_contiguous("q", q)
+    _check_bool("causal", causal)
+    _check_bool("shared_qk", shared_qk)
+    _check_bool("deterministic", deterministic)
     if k is None:
         if not shared_qk:
             raise ValueError("k must be given when shared_qk is False")
@@ -264,50 +241,39 @@ def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, sca
     _rt_check_index("k_idx", k_idx, B, H, q.device)
     if k_idx.shape[2] != q_idx.shape[2]:
         raise ValueError(f"k_idx must have as many clusters as q_idx ({q_idx.shape[2]}), got {k_idx.shape[2]}")
-    scale = _rt_scale(scale, D)
-    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, None, causal, -1, shared_qk, scale,
+    scale = _check_scale(scale, D ** -0.5)
+    out, _, _ = torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, None, causal, -1, shared_qk, scale,
                                                   deterministic)
     return out
-
-
-def _rt_scale(scale, D):
-    if scale is None:
-        return 1.0 / _rt_math.sqrt(D)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    scale = float(scale)
-    if not _rt_math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
 
 
 def _routing_local_attention(q, k, v, *, window, causal=True, self_mask=False, scale=None, key_padding_mask=None):
     """Sliding-window attention through the core's window (the routing module's local heads): token i
     attends to keys j with i - window < j (and j <= i when causal), i.e. ``window`` keys including
     itself. q, k, v [B, L, H, D]."""
-    _rt_tensor("q", q, 4)
+    _check_tensor("q", q, 4)
     _rt_float("q", q)
-    _rt_last_contiguous("q", q)
+    _check_last_dim_contiguous("q", q)
     _rt_like_q("k", k, q)
     _rt_like_q("v", v, q)
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ValueError(f"window must be a positive int, got {window!r}")
     _rt_check_padding(key_padding_mask, q.shape[0], q.shape[1], q.device)
-    scale = _rt_scale(scale, q.shape[-1])
-    out, _, _ = _rt_torch.ops.attnkit.routing_fwd(q, k, v, None, None, key_padding_mask, causal, window - 1,
+    scale = _check_scale(scale, q.shape[-1] ** -0.5)
+    out, _, _ = torch.ops.attnkit.routing_fwd(q, k, v, None, None, key_padding_mask, causal, window - 1,
                                                   self_mask, scale, True)
     return out
 
 
 def _rt_flat(x, centroids, name="x"):
-    _rt_tensor(name, x)
+    _check_tensor(name, x)
     _rt_float(name, x)
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape [..., H, D], got {tuple(x.shape)}")
     H, D = x.shape[-2], x.shape[-1]
     _rt_check_centroids(centroids, H, D, x.device)
     x3 = x.reshape(-1, H, D)
-    _rt_last_contiguous(name, x3)
+    _check_last_dim_contiguous(name, x3)
     return x3
 
 
@@ -315,11 +281,11 @@ def kmeans_assign(x, centroids):
     """The cluster of every vector: argmax_c normalize(x[..., h, :]) . centroids[h, c] (first maximum),
     int32 of shape x.shape[:-1]. x: [..., H, D]; centroids: [H, C, D]."""
     x3 = _rt_flat(x, centroids)
-    a = _rt_torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+    a = torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
     return a.reshape(x.shape[:-1])
 
 
-@_rt_torch.no_grad()
+@torch.no_grad()
 def kmeans_ema_update_(centroids, x, *, decay, assign=None):
     """One online k-means step of the Routing Transformer, in place on ``centroids`` [H, C, D]:
     every vector x[..., h, :] goes to its argmax cluster (or ``assign``, int32 x.shape[:-1]);
@@ -332,13 +298,13 @@ def kmeans_ema_update_(centroids, x, *, decay, assign=None):
         raise ValueError(f"decay must lie in [0, 1], got {decay}")
     a = None
     if assign is not None:
-        _rt_tensor("assign", assign)
-        if assign.dtype != _rt_torch.int32:
+        _check_tensor("assign", assign)
+        if assign.dtype != torch.int32:
             raise TypeError(f"assign must be int32, got {assign.dtype}")
         if tuple(assign.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
         a = assign.reshape(x3.shape[0], x3.shape[1])
-    _rt_torch.ops.attnkit.kmeans_ema_update_(centroids, x3, a, float(decay))
+    torch.ops.attnkit.kmeans_ema_update_(centroids, x3, a, float(decay))
     return centroids
 
 
@@ -349,28 +315,28 @@ def routing_commitment_loss(x, centroids, assign=None):
     x3 = _rt_flat(x, centroids)
     H, C, D = centroids.shape
     if assign is None:
-        a = _rt_torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+        a = torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
     else:
-        _rt_tensor("assign", assign)
+        _check_tensor("assign", assign)
         if tuple(assign.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
         a = assign.reshape(x3.shape[0], H)
-    dtype = _rt_torch.promote_types(x.dtype, _rt_torch.float32)
+    dtype = torch.promote_types(x.dtype, torch.float32)
     xn = _rt_F.normalize(x3.to(dtype), dim=-1)
     flat = centroids.detach().to(dtype).reshape(H * C, D)
-    offs = _rt_torch.arange(H, device=x.device) * C
+    offs = torch.arange(H, device=x.device) * C
     mu = flat[a.long() + offs]  # [N, H, D]
     if xn.numel() == 0:
         return xn.sum()
     return ((xn - mu) ** 2).sum(-1).mean()
 
 
-@_rt_torch.no_grad()
+@torch.no_grad()
 def kmeans_init(x, num_clusters, *, iters=10, generator=None):
     """Initial centroids [H, num_clusters, D] (float32, unit norm) from a batch x [..., H, D]:
     greedy k-means++ seeding on the cosine distance (per head), then ``iters`` k-means iterations (each
     cluster moves to the normalised mean of its vectors; clusters that got none keep their centroid)."""
-    _rt_tensor("x", x)
+    _check_tensor("x", x)
     _rt_float("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have shape [..., H, D], got {tuple(x.shape)}")
@@ -382,19 +348,19 @@ def kmeans_init(x, num_clusters, *, iters=10, generator=None):
     if N == 0:
         raise ValueError("x must hold at least one vector")
     xn = _rt_F.normalize(x3.float(), dim=-1).transpose(0, 1)  # [H, N, D]
-    heads = _rt_torch.arange(H, device=x.device)
-    first = _rt_torch.randint(0, N, (H,), generator=generator).to(x.device)
+    heads = torch.arange(H, device=x.device)
+    first = torch.randint(0, N, (H,), generator=generator).to(x.device)
     mu = xn.new_zeros(H, num_clusters, D)
     mu[:, 0] = xn[heads, first]
-    dist = (1 - _rt_torch.einsum("hnd,hd->hn", xn, mu[:, 0])).clamp_min(0)
+    dist = (1 - torch.einsum("hnd,hd->hn", xn, mu[:, 0])).clamp_min(0)
     # greedy k-means++: of a few candidates drawn ~ distance, keep the one that lowers the potential most
-    n_try = 2 + int(_rt_math.log(num_clusters))
+    n_try = 2 + int(math.log(num_clusters))
     for c in range(1, num_clusters):
         w = dist.double().cpu()
         w[w.sum(1) <= 0] = 1.0  # every vector already is a centroid: pick any
-        cand = _rt_torch.multinomial(w, n_try, replacement=True, generator=generator).to(x.device)  # [H, T]
-        d_cand = (1 - _rt_torch.einsum("hnd,htd->htn", xn, xn[heads[:, None], cand])).clamp_min(0)
-        new_dist = _rt_torch.minimum(dist[:, None, :], d_cand)  # [H, T, N]
+        cand = torch.multinomial(w, n_try, replacement=True, generator=generator).to(x.device)  # [H, T]
+        d_cand = (1 - torch.einsum("hnd,htd->htn", xn, xn[heads[:, None], cand])).clamp_min(0)
+        new_dist = torch.minimum(dist[:, None, :], d_cand)  # [H, T, N]
         best = new_dist.sum(-1).argmin(-1)  # [H]
         pick = cand[heads, best]
         mu[:, c] = xn[heads, pick]
@@ -402,8 +368,8 @@ def kmeans_init(x, num_clusters, *, iters=10, generator=None):
     # an all-zero vector cannot seed a direction: replace by a random unit vector
     zero = mu.norm(dim=-1) == 0
     if zero.any():
-        fill = _rt_F.normalize(_rt_torch.randn(int(zero.sum()), D, generator=generator), dim=-1).to(mu.device)
+        fill = _rt_F.normalize(torch.randn(int(zero.sum()), D, generator=generator), dim=-1).to(mu.device)
         mu[zero] = fill
     for _ in range(iters):
-        _rt_torch.ops.attnkit.kmeans_ema_update_(mu, x3, None, 0.0)
+        torch.ops.attnkit.kmeans_ema_update_(mu, x3, None, 0.0)
     return mu
