@@ -93,9 +93,10 @@ def test_assign_ties_go_to_lower_position(device):
     dtype = torch.float64 if device == "cpu" else torch.float32
     g = torch.Generator().manual_seed(5)
     base = torch.randn(4, 1, 8, generator=g, dtype=torch.float64)
-    # 12 tokens that are 3 copies (scaled: equal after normalisation) of 4 distinct vectors
+    # 12 tokens that are 3 copies of 4 distinct vectors, scaled by powers of two (exact, so the
+    # normalised copies, and their scores, are bit-identical)
     rows = [0, 1, 2, 3, 2, 0, 1, 3, 3, 2, 1, 0]
-    q = torch.stack([base[r] * (1 + (i % 3)) for i, r in enumerate(rows)], 0)[None].to(device=device, dtype=dtype)
+    q = torch.stack([base[r] * 2.0 ** (i % 3) for i, r in enumerate(rows)], 0)[None].to(device=device, dtype=dtype)
     mu = _centroids(1, 4, 8, device)
     for w in (1, 2, 4, 5, 12):
         q_idx, _ = attnkit.routing_assign(q, None, mu, window=w)
@@ -618,3 +619,8 @@ def test_module_padding_and_shapes():
     # L = 1 and L < num_clusters work
     out1, _ = m(torch.randn(3, 1, 32))
     assert out1.shape == (3, 1, 32)
+    # 16-bit modules keep float32 centroids (EMA steps would vanish in 16-bit rounding)
+    mb = attnkit.nn.RoutingAttention(32, 4, num_clusters=3).to(torch.bfloat16)
+    assert mb.centroids.dtype == torch.float32 and mb.q_proj.weight.dtype == torch.bfloat16
+    out, aux = mb(torch.randn(2, 12, 32, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(aux)

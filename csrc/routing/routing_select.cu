@@ -16,10 +16,15 @@ constexpr int kTileC = 64;  // centroids per block
 constexpr int kTileD = 32;  // head-dim chunk
 constexpr int kScoreThreads = 256;
 
+// Each thread owns a 4 x 4 micro-tile: tokens 4*tx .. 4*tx+3 and centroids 4*ty .. 4*ty+3, read from
+// shared memory as float4 (pitch kPitch keeps them 16-byte aligned).
+constexpr int kPitch = kTileL + 4;
+
 template <typename T>
 __global__ void __launch_bounds__(kScoreThreads) routing_scores_kernel(ScoreParams p) {
-  __shared__ float xs[kTileD][kTileL + 1];
-  __shared__ float cs[kTileD][kTileC + 1];
+  static_assert(kTileL == kTileC && kTileL == 4 * 16, "tile shape");
+  __shared__ __align__(16) float xs[kTileD][kPitch];
+  __shared__ __align__(16) float cs[kTileD][kPitch];
   __shared__ float inv_norm[kTileL];
   __shared__ unsigned long long best_s[kTileL];
 
@@ -58,43 +63,68 @@ __global__ void __launch_bounds__(kScoreThreads) routing_scores_kernel(ScorePara
     }
 #pragma unroll 8
     for (int e = 0; e < kTileD; ++e) {
-      float xv[4], cv[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) xv[i] = xs[e][tx + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) cv[j] = cs[e][ty + 16 * j];
+      const float4 xv = *reinterpret_cast<const float4*>(&xs[e][4 * tx]);
+      const float4 cv = *reinterpret_cast<const float4*>(&cs[e][4 * ty]);
+      const float xa[4] = {xv.x, xv.y, xv.z, xv.w};
+      const float ca[4] = {cv.x, cv.y, cv.z, cv.w};
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(xv[i], cv[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(xa[i], ca[j], acc[i][j]);
     }
     __syncthreads();
   }
   if (tid < kTileL) inv_norm[tid] = 1.f / fmaxf(sqrtf(ss), 1e-12f);
   __syncthreads();
 
+  float sc[4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int r = tx + 16 * i;
-    const int l = l0 + r;
-    unsigned long long mine = 0ull;
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sc[i][j] = acc[i][j] * inv_norm[4 * tx + i];
+
+  if (p.scores != nullptr) {
+    bool padded[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int l = l0 + 4 * tx + i;
+      padded[i] = p.pad != nullptr && l < p.L && p.pad[static_cast<int64_t>(b) * p.L + l];
+    }
+    const int lb = l0 + 4 * tx;
+    const bool vec = (p.L % 4 == 0) && lb + 3 < p.L;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int c = c0 + ty + 16 * j;
-      const float s = acc[i][j] * inv_norm[r];
-      if (l < p.L && c < p.C) {
-        if (p.scores != nullptr) {
-          const bool padded = p.pad != nullptr && p.pad[static_cast<int64_t>(b) * p.L + l];
-          p.scores[(static_cast<int64_t>(bh) * p.C + c) * p.L + l] = padded ? -INFINITY : s;
-        }
-        const unsigned long long key =
-            (static_cast<unsigned long long>(score_key(s)) << 32) | static_cast<unsigned>(0xFFFFFFFFu - c);
-        mine = key > mine ? key : mine;
+      const int c = c0 + 4 * ty + j;
+      if (c >= p.C) continue;
+      float* row = p.scores + (static_cast<int64_t>(bh) * p.C + c) * p.L;
+      float v[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) v[i] = padded[i] ? -INFINITY : sc[i][j];
+      if (vec) {
+        *reinterpret_cast<float4*>(row + lb) = make_float4(v[0], v[1], v[2], v[3]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (lb + i < p.L) row[lb + i] = v[i];
       }
     }
-    if (p.best != nullptr && mine != 0ull) atomicMax(&best_s[r], mine);
   }
   if (p.best != nullptr) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = 4 * tx + i;
+      if (l0 + r >= p.L) continue;
+      unsigned long long mine = 0ull;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int c = c0 + 4 * ty + j;
+        if (c >= p.C) continue;
+        const unsigned long long key =
+            (static_cast<unsigned long long>(score_key(sc[i][j])) << 32) | static_cast<unsigned>(0xFFFFFFFFu - c);
+        mine = key > mine ? key : mine;
+      }
+      if (mine != 0ull) atomicMax(&best_s[r], mine);
+    }
     __syncthreads();
     if (tid < kTileL && l0 + tid < p.L && best_s[tid] != 0ull)
       atomicMax(&p.best[static_cast<int64_t>(bh) * p.L + l0 + tid], best_s[tid]);
@@ -205,6 +235,8 @@ __global__ void __launch_bounds__(kSelectThreads)
 
 void launch_routing_scores(const ScoreParams& p, cudaStream_t stream) {
   if (static_cast<int64_t>(p.B) * p.H * p.L * p.C == 0) return;
+  TORCH_CHECK(static_cast<int64_t>(p.B) * p.H <= 65535, "q: batch * heads must be at most 65535 on CUDA (got ",
+              static_cast<int64_t>(p.B) * p.H, ")");
   dim3 grid(ceil_div_i(p.L, kTileL), ceil_div_i(p.C, kTileC), p.B * p.H);
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
     routing_scores_kernel<T><<<grid, kScoreThreads, 0, stream>>>(p);

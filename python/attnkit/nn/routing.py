@@ -79,6 +79,14 @@ class RoutingAttention(nn.Module):
         self.register_buffer("centroids", mu)
         self.register_buffer("centroids_initialized", torch.tensor(False, device=device))
 
+    def _apply(self, fn, *args, **kwargs):
+        # module.half() / .to(bfloat16) cast every floating buffer: keep the centroids in float32,
+        # an EMA step of (1 - 0.999) would be lost to 16-bit rounding
+        out = super()._apply(fn, *args, **kwargs)
+        if self.centroids.dtype != torch.float32:
+            self.centroids = self.centroids.float()
+        return out
+
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, "
                 f"window={self.window}, causal={self.causal}, local_heads={self.local_heads}, "
