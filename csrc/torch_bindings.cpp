@@ -39,6 +39,15 @@ TORCH_LIBRARY(attnkit, m) {
       "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
 
+  // ---- flash core, CPU test hook (not public API; tests/test_flash_core.py) ----
+  // Runs flash_fwd_cpu and, when dout is given, flash_bwd_cpu with every optional FlashParams input.
+  // bias [B, Hb, 1|rows, Lk] fp32; row_thr / row_tie [B, Hkv, rows]; q_index / k_index
+  // [B, max(Hq,Hkv), S, w] int32. Returns [out, lse, dq, dk, dv, dbias] (empty when not computed).
+  m.def(
+      "_flash_core_cpu_test(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? row_thr, Tensor? row_tie,"
+      " Tensor? q_index, Tensor? k_index, bool causal, int window_left, bool self_mask, float self_score,"
+      " float scale, Tensor? dout) -> Tensor[]");
+
   // ---- Routing attention (Routing Transformer; flash core with segment gathers) ----
   // q/k [B, L, H, D]; centroids [H, C, D] (unit norm). q_idx/k_idx [B, H, C, w] int32, each list the
   // w tokens with the largest normalize(x).mu_c (ties to the lower position), sorted by position.
@@ -54,7 +63,8 @@ TORCH_LIBRARY(attnkit, m) {
   // backward). With q_idx = k_idx = None: one segment holding the whole sequence (local heads), out_seg
   // is empty and the backward takes out in its place. key_padding_mask [B, L] bool: True keys are never
   // attended; only without q_idx / k_idx (the core takes no bias with segments: route padded tokens
-  // out with routing_assign's key_padding_mask instead). window_left < 0: no window. self_mask: the score of a query with its own token is -5e4.
+  // out with routing_assign's key_padding_mask instead). window_left < 0: no window. self_mask: the
+  // score of a query with its own token is -5e4.
   // deterministic is read by the backward only (routing_bwd; False: fp32 atomics on CUDA); the forward
   // takes it so that autograd can pass it on.
   m.def(
