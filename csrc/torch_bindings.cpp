@@ -47,6 +47,40 @@ TORCH_LIBRARY(attnkit, m) {
       "_flash_core_cpu_test(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? row_thr, Tensor? row_tie,"
       " Tensor? q_index, Tensor? k_index, bool causal, int window_left, bool self_mask, float self_score,"
       " float scale, Tensor? dout) -> Tensor[]");
+
+  // ---- Routing attention (Routing Transformer; flash core with segment gathers) ----
+  // q/k [B, L, H, D]; centroids [H, C, D] (unit norm). q_idx/k_idx [B, H, C, w] int32, each list the
+  // w tokens with the largest normalize(x).mu_c (ties to the lower position), sorted by position.
+  // shared_qk: k is not read (may be None) and k_idx equals q_idx. with_assign: also the argmax cluster
+  // of every token, int32 [B, L, H] (q) or [2B, L, H] (q then k), for the k-means step; else empty.
+  // key_padding_mask [B, L] bool: padded tokens rank below every other token (score -inf), so they
+  // enter no list while window <= the number of unpadded tokens.
+  m.def(
+      "routing_assign(Tensor q, Tensor? k, Tensor centroids, int window, bool shared_qk, bool with_assign=False,"
+      " Tensor? key_padding_mask=None) -> (Tensor q_idx, Tensor k_idx, Tensor assign)");
+  // Attention inside clusters: out [B, L, H, D] (mean over the clusters a token's query is routed to,
+  // 0 when none), out_seg [B, C*wq, H, D] and lse [B, H, C*wq] fp32 in segment space (saved for the
+  // backward). With q_idx = k_idx = None: one segment holding the whole sequence (local heads), out_seg
+  // is empty and the backward takes out in its place. key_padding_mask [B, L] bool: True keys are never
+  // attended; only without q_idx / k_idx (the core takes no bias with segments: route padded tokens
+  // out with routing_assign's key_padding_mask instead). window_left < 0: no window. self_mask: the
+  // score of a query with its own token is -5e4.
+  // deterministic is read by the backward only (routing_bwd; False: fp32 atomics on CUDA); the forward
+  // takes it so that autograd can pass it on.
+  m.def(
+      "routing_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx, Tensor? key_padding_mask,"
+      " bool causal, int window_left, bool self_mask, float scale, bool deterministic=True)"
+      " -> (Tensor out, Tensor out_seg, Tensor lse)");
+  m.def(
+      "routing_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx,"
+      " Tensor? key_padding_mask, Tensor out_seg, Tensor lse, bool causal, int window_left, bool self_mask,"
+      " float scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Online k-means. x [N, H, D], centroids [H, C, D], any float dtypes (sums in fp64 / fixed point).
+  // kmeans_assign: int32 [N, H], argmax_c normalize(x).mu_c (first maximum).
+  m.def("kmeans_assign(Tensor x, Tensor centroids) -> Tensor");
+  // In place: mu_c <- normalize(decay mu_c + (1 - decay) normalize(mean of the normalised x assigned
+  // to c)) for every cluster that got a vector; assign (int32 [N, H]) is computed when None.
+  m.def("kmeans_ema_update_(Tensor(a!) centroids, Tensor x, Tensor? assign, float decay) -> ()");
 }
 
 // attnkit._C is a Python extension module only so that `import attnkit._C` loads the library;

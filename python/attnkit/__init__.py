@@ -12,10 +12,28 @@ from . import _meta  # noqa: F401  (fake/meta implementations)
 from . import _autograd  # noqa: F401  (autograd formulas)
 from . import nn  # noqa: F401  (attnkit.nn modules)
 from .ops import sparse_query_attention
+from .ops import (  # routing attention
+    kmeans_assign,
+    kmeans_ema_update_,
+    kmeans_init,
+    routing_assign,
+    routing_attention,
+    routing_commitment_loss,
+)
 
 try:
     __version__ = _metadata.version("attnkit")
 except _metadata.PackageNotFoundError:  # running from a source tree (make dev)
     __version__ = "0.0.0+dev"
 
-__all__ = ["sparse_query_attention", "nn", "__version__"]
+__all__ = [
+    "sparse_query_attention",
+    "routing_assign",
+    "routing_attention",
+    "kmeans_assign",
+    "kmeans_ema_update_",
+    "kmeans_init",
+    "routing_commitment_loss",
+    "nn",
+    "__version__",
+]

@@ -29,3 +29,36 @@ def _sqa_backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("attnkit::sqa_fwd", _sqa_backward, setup_context=_sqa_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing attention: routing_fwd -> routing_bwd. Gradients for q, k, v only (never through the
+# routing indices or the padding mask); out_seg and lse are saved, not differentiable.
+# ------------------------------------------------------------------------------------------------
+
+
+def _routing_setup_context(ctx, inputs, output):
+    q, k, v, q_idx, k_idx, key_padding_mask, causal, window_left, self_mask, scale, deterministic = inputs
+    out, out_seg, lse = output
+    ctx.mark_non_differentiable(out_seg, lse)
+    ctx.indexed = q_idx is not None
+    # Without indices the core's output is `out` itself (out_seg is empty).
+    ctx.save_for_backward(q, k, v, q_idx, k_idx, key_padding_mask, out_seg if ctx.indexed else out, lse)
+    ctx.causal = causal
+    ctx.window_left = window_left
+    ctx.self_mask = self_mask
+    ctx.scale = scale
+    ctx.deterministic = deterministic
+
+
+def _routing_backward(ctx, grad_out, grad_out_seg, grad_lse):
+    q, k, v, q_idx, k_idx, key_padding_mask, o, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(q)
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = torch.ops.attnkit.routing_bwd(grad_out, q, k, v, q_idx, k_idx, key_padding_mask, o, lse, ctx.causal,
+                                               ctx.window_left, ctx.self_mask, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("attnkit::routing_fwd", _routing_backward, setup_context=_routing_setup_context)

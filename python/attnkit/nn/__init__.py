@@ -1,5 +1,6 @@
 """attnkit.nn: attention layers built on attnkit's ops. One module per mechanism."""
 
+from .routing import RoutingAttention
 from .sqa import SQA_PRESETS, SparseQueryAttention
 
-__all__ = ["SparseQueryAttention", "SQA_PRESETS"]
+__all__ = ["SparseQueryAttention", "SQA_PRESETS", "RoutingAttention"]
