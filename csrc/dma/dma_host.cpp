@@ -28,17 +28,21 @@ void check_select_args(const at::Tensor& bias, int64_t keep, int64_t lq) {
               "bias / lq: sizes must fit in int32");
 }
 
-SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq) {
+SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq, bool fill) {
   const int64_t B = bias.size(0), H = bias.size(1), lk = bias.size(2);
   const int64_t nqb = num_list_blocks(lq), nkb = num_list_blocks(lk);
   const auto fopt = bias.options().dtype(at::kFloat);
   const auto iopt = bias.options().dtype(at::kInt);
+  auto list = [&](std::initializer_list<int64_t> shape) {
+    return fill ? at::full(shape, -1, iopt) : at::empty(shape, iopt);
+  };
+  auto count = [&](std::initializer_list<int64_t> shape) { return fill ? at::zeros(shape, iopt) : at::empty(shape, iopt); };
   return {at::empty({B, H, lq}, fopt),
           at::empty({B, H, lq}, iopt),
-          at::full({B, H, nqb, fwd_list_width(lk, keep)}, -1, iopt),
-          at::zeros({B, H, nqb}, iopt),
-          at::full({B, H, nkb, nqb}, -1, iopt),
-          at::zeros({B, H, nkb}, iopt)};
+          list({B, H, nqb, fwd_list_width(lk, keep)}),
+          count({B, H, nqb}),
+          list({B, H, nkb, nqb}),
+          count({B, H, nkb})};
 }
 
 void check_dma_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,

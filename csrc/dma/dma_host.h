@@ -16,8 +16,9 @@ using SelectOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // bias [B, Hkv, Lk], floating; keep >= 1; lq >= 0.
 void check_select_args(const at::Tensor& bias, int64_t keep, int64_t lq);
 
-// thr, tie, fwd_list, fwd_count, bwd_list, bwd_count (shapes in dma_select.h); lists filled with -1.
-SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq);
+// thr, tie, fwd_list, fwd_count, bwd_list, bwd_count (shapes in dma_select.h); with fill, the lists
+// are -1 and the counts 0 (the CUDA kernels write every entry themselves).
+SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq, bool fill = true);
 
 // q/k/v as for SQA; bias [B, Hkv, Lk] in fp32 or the dtype of q, on q's device.
 void check_dma_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
