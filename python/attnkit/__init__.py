@@ -10,14 +10,14 @@ import torch  # noqa: F401  (load torch's libraries before our extension)
 from . import _C  # noqa: F401  (registers torch.ops.attnkit.*)
 from . import _meta  # noqa: F401  (fake/meta implementations)
 from . import _autograd  # noqa: F401  (autograd formulas)
+from . import nn  # noqa: F401  (attnkit.nn modules)
 from .ops import sparse_query_attention
 from .ops import DynamicMask, dynamic_mask_attention, dynamic_mask_select, masked_bias_attention  # DMA
-from . import nn  # noqa: F401
 
 try:
     __version__ = _metadata.version("attnkit")
 except _metadata.PackageNotFoundError:  # running from a source tree (make dev)
     __version__ = "0.0.0+dev"
 
-__all__ = ["sparse_query_attention", "__version__"]
+__all__ = ["sparse_query_attention", "nn", "__version__"]
 __all__ += ["DynamicMask", "dynamic_mask_attention", "dynamic_mask_select", "masked_bias_attention"]  # DMA
