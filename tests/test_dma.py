@@ -354,9 +354,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.attnkit.dma_fwd.default, (q, k, v, bias, sel[0], sel[1], None, None, None, None, False, 0.3))
     out, lse = torch.ops.attnkit.dma_fwd(*fwd_args)
     dout = torch.randn_like(out)
+    bwd_utils = ("test_schema", "test_faketensor")  # backward ops: no autograd of their own
     torch.library.opcheck(
         torch.ops.attnkit.dma_bwd.default,
         (dout, q.detach(), k.detach(), v.detach(), bias.detach(), out.detach(), lse, sel[0], sel[1], sel[4], sel[5], True, 0.3),
+        test_utils=bwd_utils,
     )
     mask = torch.rand(2, 1, q.shape[1], k.shape[1]) > 0.3
     ab = torch.randn(2, 2, 1, k.shape[1], requires_grad=True)
@@ -367,6 +369,7 @@ def test_opcheck():
         torch.library.opcheck(
             torch.ops.attnkit.masked_bias_bwd.default,
             (dout, q.detach(), k.detach(), v.detach(), mask, ab.detach(), out.detach(), lse, True, 0.3, need),
+            test_utils=bwd_utils,
         )
 
 

@@ -110,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
   set_dma_mask(p, bias32, &dbias32, thr_c, tie_c);
   if (bwd_list) set_tile_lists(p, *bwd_list, *bwd_count);
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const at::Tensor delta = at::empty({p.batch, p.h_out, p.seqlen_q}, q.options().dtype(at::kFloat));
+  const at::Tensor delta = at::empty_like(lse);  // the core indexes delta with lse's strides
   const at::Tensor dq_accum = at::zeros({p.batch, p.seqlen_q, p.h_q, p.head_dim}, q.options().dtype(at::kFloat));
   flash::set_output(p, out, lse);
   flash::set_backward(p, dout, dq, dk, dv);
@@ -197,7 +197,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
     set_tile_lists(p, list, count);
   }
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const at::Tensor delta = at::empty({p.batch, p.h_out, p.seqlen_q}, q.options().dtype(at::kFloat));
+  const at::Tensor delta = at::empty_like(lse);  // the core indexes delta with lse's strides
   const at::Tensor dq_accum = at::zeros({p.batch, p.seqlen_q, p.h_q, p.head_dim}, q.options().dtype(at::kFloat));
   flash::set_output(p, out, lse);
   flash::set_backward(p, dout, dq, dk, dv);

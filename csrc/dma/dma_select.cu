@@ -97,10 +97,14 @@ T* at_off(void* base, size_t off) {
 }
 
 // ---- keys and ranks ----
+__device__ __forceinline__ bool is_nan_bits(float x) {
+  return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u;  // bit test: immune to fast-math folding
+}
+
 __device__ __forceinline__ uint32_t desc_key(float x) {
-  if (isnan(x)) return 0xFFFFFFFFu;  // after every number
-  if (x == 0.f) x = 0.f;             // -0 == +0 (and, with flush-to-zero, denormals) as the core compares
-  const uint32_t u = __float_as_uint(x);
+  if (is_nan_bits(x)) return 0xFFFFFFFFu;  // after every number
+  uint32_t u = __float_as_uint(x);
+  if (x == 0.f) u = 0u;  // -0 == +0 (and, with flush-to-zero, denormals == 0) as the core compares
   const uint32_t asc = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   return ~asc;  // larger bias -> smaller key
 }
@@ -147,7 +151,7 @@ __host__ __device__ __forceinline__ int zeros_of_bit(int n, int b) {
 // Level l partitions the sequence by bit (levels - 1 - l), zeros first, stably. bits[l][w] holds the
 // bits of positions 32w..32w+31 of level l; zc[l][w] the zeros of level l before position 32w
 // (zc[l][nwords] = all of them).
-__global__ void __launch_bounds__(kBuildThreads) k_wavelet_build(const int* __restrict__ rank, int* seq_a, int* seq_b,
+__global__ void __launch_bounds__(kBuildThreads) k_wavelet_build(const int* rank, int* seq_a, int* seq_b,
                                                                  uint32_t* __restrict__ wm_bits,
                                                                  uint32_t* __restrict__ wm_zc, int lk, int levels,
                                                                  int nwords) {
@@ -289,7 +293,7 @@ __global__ void k_query(SelectParams p, const int* __restrict__ sorted, const ui
     if (rank_thr < p.lk) {
       const int j = sorted[seg * p.lk + rank_thr];
       const float x = p.bias[seg * p.lk + j];
-      if (!isnan(x)) {
+      if (!is_nan_bits(x)) {
         thr = x;
         tie = j;
       }
