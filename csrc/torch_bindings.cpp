@@ -39,6 +39,15 @@ TORCH_LIBRARY(attnkit, m) {
       "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
       " -> (Tensor dq, Tensor dk, Tensor dv)");
 
+  // ---- flash core, CPU test hook (not public API; tests/test_flash_core.py) ----
+  // Runs flash_fwd_cpu and, when dout is given, flash_bwd_cpu with every optional FlashParams input.
+  // bias [B, Hb, 1|rows, Lk] fp32; row_thr / row_tie [B, Hkv, rows]; q_index / k_index
+  // [B, max(Hq,Hkv), S, w] int32. Returns [out, lse, dq, dk, dv, dbias] (empty when not computed).
+  m.def(
+      "_flash_core_cpu_test(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? row_thr, Tensor? row_tie,"
+      " Tensor? q_index, Tensor? k_index, bool causal, int window_left, bool self_mask, float self_score,"
+      " float scale, Tensor? dout) -> Tensor[]");
+
   // ---- Dynamic Mask Attention (flash core + top-keep mask selection) ----
   // bias [B, Hkv, Lk]: per-key scores shared by all query rows. dma_select builds the compact mask:
   // thr / tie [B, Hkv, Lq] (fp32 / int32, the core's kept predicate), forward tile lists

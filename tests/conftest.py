@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,18 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the (many small) reference / eager torch ops on one thread: on a busy 2-core machine
+    OpenMP's spinning makes them several times slower. Kernels under test keep all threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _max_abs(x: torch.Tensor) -> float:

@@ -3,13 +3,12 @@ rule, autograd, opcheck, torch.compile, gradcheck, input errors, and the nn modu
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
 import pytest
 import torch
-from conftest import DEVICES, assert_close_fa
+from conftest import DEVICES, assert_close_fa, one_thread
 
 import attnkit
 from attnkit.nn import SparseQueryAttention
@@ -60,18 +59,6 @@ def _leaf(t, dtype=None):
     return t.detach().clone().to(dtype or t.dtype).requires_grad_(True)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """Run the (many small) reference / eager torch ops on one thread: on a busy 2-core machine
-    OpenMP's spinning makes them several times slower. The kernel under test keeps all threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def check_against_reference(q, k, v, causal, scale=None, backward=True):
     dtype = q.dtype
     D = q.shape[-1]
@@ -79,7 +66,7 @@ def check_against_reference(q, k, v, causal, scale=None, backward=True):
     qa, ka, va = _leaf(q), _leaf(k), _leaf(v)
     out, lse = attnkit.sparse_query_attention(qa, ka, va, causal=causal, scale=scale, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
-    with _one_thread():
+    with one_thread():
         qr, kr, vr = _leaf(q, torch.float64), _leaf(k, torch.float64), _leaf(v, torch.float64)
         ref, ref_lse = sqa_reference(qr, kr, vr, causal=causal, scale=scale, return_lse=True)
         qe, ke, ve = _leaf(q), _leaf(k), _leaf(v)
@@ -91,7 +78,7 @@ def check_against_reference(q, k, v, causal, scale=None, backward=True):
     g = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=g).to(device=out.device, dtype=dtype)
     grads = torch.autograd.grad(out, (qa, ka, va), dout)
-    with _one_thread():
+    with one_thread():
         ref_grads = torch.autograd.grad(ref, (qr, kr, vr), dout.double())
         eager_grads = torch.autograd.grad(eager, (qe, ke, ve), dout)
     for name, a, r, e in zip(("dq", "dk", "dv"), grads, ref_grads, eager_grads):

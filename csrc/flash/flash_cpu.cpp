@@ -18,9 +18,11 @@
 //   column s * seqlen_k + j (the tie column compares against s * seqlen_k + j as well);
 // - dq is written in segment space like the other outputs: row s * seqlen_q + i of query head hq.
 //
-// Inner products: q.k and dout.v are computed against a transposed copy of the key / value tile so
-// that the innermost loop runs over contiguous keys (vectorisable without reassociating a
-// reduction); the products P.V, dS.K, P^T.dout and dS^T.q run over the contiguous head dim.
+// Inner loops: the tile kernels below run over a fixed kBlockN-wide row of scores, or over the
+// contiguous head dim in fixed 32-wide chunks, so the compiler keeps the accumulators in vector
+// registers; the float versions are cloned for AVX2/FMA and AVX-512 (GCC target_clones, picked at
+// load time) since the extension itself is built for baseline x86-64. exp in float is a polynomial
+// (relative error ~2e-7), vectorisable, unlike std::exp.
 #include "flash/flash_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -29,8 +31,10 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -51,6 +55,171 @@ struct AccType<double> {
 
 inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define ATTNKIT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ATTNKIT_CPU_CLONES
+#endif
+
+// exp(x) for float: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), e^f by its
+// degree-7 Taylor polynomial (|f| <= 0.35: truncation ~6e-9). x < -87 (including -inf) gives 0.
+inline float exp_poly(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float f = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float e = 1.0f / 5040.0f;
+  e = e * f + 1.0f / 720.0f;
+  e = e * f + 1.0f / 120.0f;
+  e = e * f + 1.0f / 24.0f;
+  e = e * f + 1.0f / 6.0f;
+  e = e * f + 0.5f;
+  e = e * f + 1.0f;
+  e = e * f + 1.0f;
+  const float scale = std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : e * scale;
+}
+inline double exp_any(double x) {
+  return std::exp(x);
+}
+inline float exp_any(float x) {
+  return exp_poly(x);
+}
+
+// S[r][0, kBlockN) = Q[r] . Kt[:, c] for r < m (all kBlockN columns; the caller reads the first n).
+template <typename A>
+inline void tile_scores_impl(A* __restrict S, const A* __restrict Q, int m, int D, const A* __restrict Kt) {
+  for (int r = 0; r < m; ++r) {
+    A acc[kBlockN] = {};
+    const A* qr = Q + int64_t(r) * D;
+    for (int x = 0; x < D; ++x) {
+      const A a = qr[x];
+      const A* kt = Kt + int64_t(x) * kBlockN;
+      for (int c = 0; c < kBlockN; ++c) acc[c] += a * kt[c];
+    }
+    A* srow = S + int64_t(r) * kBlockN;
+    for (int c = 0; c < kBlockN; ++c) srow[c] = acc[c];
+  }
+}
+
+// C[i][0, D) += sum_{k < nk} W[i * wi + k * wk] * B[k][0, D)  for i < ni (row strides ldc, ldb).
+// With (wi, wk) = (kBlockN, 1) this is C += W B; with (1, kBlockN) it is C += W^T B.
+template <typename A>
+inline void tile_acc_impl(A* __restrict C, int64_t ldc, const A* __restrict W, int64_t wi, int64_t wk, int ni, int nk,
+                          const A* __restrict B, int64_t ldb, int D) {
+  constexpr int kW = 32;
+  for (int i = 0; i < ni; ++i) {
+    A* crow = C + i * ldc;
+    const A* wrow = W + i * wi;
+    int x0 = 0;
+    for (; x0 + kW <= D; x0 += kW) {
+      A acc[kW];
+      for (int x = 0; x < kW; ++x) acc[x] = crow[x0 + x];
+      for (int k = 0; k < nk; ++k) {
+        const A a = wrow[k * wk];
+        if (a == A(0)) continue;
+        const A* b = B + k * ldb + x0;
+        for (int x = 0; x < kW; ++x) acc[x] += a * b[x];
+      }
+      for (int x = 0; x < kW; ++x) crow[x0 + x] = acc[x];
+    }
+    if (x0 < D) {
+      for (int k = 0; k < nk; ++k) {
+        const A a = wrow[k * wk];
+        if (a == A(0)) continue;
+        const A* b = B + k * ldb;
+        for (int x = x0; x < D; ++x) crow[x] += a * b[x];
+      }
+    }
+  }
+}
+
+// s[c] = exp(s[c] - shift) in place for c < n (-inf entries give 0); returns the sum.
+template <typename A>
+inline A exp_row_impl(A* __restrict s, int n, A shift) {
+  for (int c = 0; c < n; ++c) s[c] = exp_any(s[c] - shift);
+  A sum = A(0);
+  for (int c = 0; c < n; ++c) sum += s[c];
+  return sum;
+}
+
+// Float kernels with explicit 8-wide vectors (GCC / clang vector extensions) so the accumulators
+// stay in registers: 8 vectors hold one 64-wide score row, 4 vectors a 32-wide chunk of the head dim.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vf8 only passes between inlined helpers of this file
+#endif
+typedef float vf8 __attribute__((vector_size(32)));
+inline vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, vf8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+static_assert(kBlockN % 8 == 0, "tile kernels assume kBlockN is a multiple of 8");
+
+ATTNKIT_CPU_CLONES void tile_scores(float* S, const float* Q, int m, int D, const float* Kt) {
+  constexpr int kV = kBlockN / 8;
+  for (int r = 0; r < m; ++r) {
+    vf8 acc[kV];
+    for (int u = 0; u < kV; ++u) acc[u] = vf8{};
+    const float* qr = Q + int64_t(r) * D;
+    for (int x = 0; x < D; ++x) {
+      const vf8 a = vf8{} + qr[x];
+      const float* kt = Kt + int64_t(x) * kBlockN;
+      for (int u = 0; u < kV; ++u) acc[u] += a * load8(kt + 8 * u);
+    }
+    float* srow = S + int64_t(r) * kBlockN;
+    for (int u = 0; u < kV; ++u) store8(srow + 8 * u, acc[u]);
+  }
+}
+void tile_scores(double* S, const double* Q, int m, int D, const double* Kt) {
+  tile_scores_impl(S, Q, m, D, Kt);
+}
+ATTNKIT_CPU_CLONES void tile_acc(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni, int nk,
+                                 const float* B, int64_t ldb, int D) {
+  for (int i = 0; i < ni; ++i) {
+    float* crow = C + i * ldc;
+    const float* wrow = W + i * wi;
+    int x0 = 0;
+    for (; x0 + 32 <= D; x0 += 32) {
+      vf8 c0 = load8(crow + x0), c1 = load8(crow + x0 + 8), c2 = load8(crow + x0 + 16), c3 = load8(crow + x0 + 24);
+      for (int k = 0; k < nk; ++k) {
+        const float a = wrow[k * wk];
+        if (a == 0.f) continue;
+        const vf8 av = vf8{} + a;
+        const float* b = B + k * ldb + x0;
+        c0 += av * load8(b);
+        c1 += av * load8(b + 8);
+        c2 += av * load8(b + 16);
+        c3 += av * load8(b + 24);
+      }
+      store8(crow + x0, c0);
+      store8(crow + x0 + 8, c1);
+      store8(crow + x0 + 16, c2);
+      store8(crow + x0 + 24, c3);
+    }
+    if (x0 < D) {
+      for (int k = 0; k < nk; ++k) {
+        const float a = wrow[k * wk];
+        if (a == 0.f) continue;
+        const float* b = B + k * ldb;
+        for (int x = x0; x < D; ++x) crow[x] += a * b[x];
+      }
+    }
+  }
+}
+void tile_acc(double* C, int64_t ldc, const double* W, int64_t wi, int64_t wk, int ni, int nk, const double* B,
+              int64_t ldb, int D) {
+  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
+}
+ATTNKIT_CPU_CLONES float exp_row(float* s, int n, float shift) {
+  return exp_row_impl(s, n, shift);
+}
+double exp_row(double* s, int n, double shift) {
+  return exp_row_impl(s, n, shift);
 }
 
 // Everything one (batch, segment, output head) needs, with the base pointers resolved.
@@ -132,27 +301,38 @@ inline void load_rows_t(A* dst, const T* base, int64_t row_stride, int n, int D,
   }
 }
 
-// S[r][c] (row stride kBlockN) = score of query row i0 + r and key j0 + c, or -inf when the key is
-// not visible. When nograd is given, nograd[r][c] = 1 marks scores replaced by self_score (their
-// gradient does not reach q, k or the bias).
+// Turns the raw products S[r][c] = q_i . k_j (from tile_scores) of query rows [i0, i0 + m) and
+// keys [j0, j0 + n) into scores: scale, bias, masks (-inf where the key is not visible), self
+// score. When nograd is given, nograd[r][c] = 1 marks scores replaced by self_score (their gradient
+// reaches neither q, k nor the bias). Tiles that no mask touches take a vectorisable path.
 template <typename T, typename A>
-void compute_scores(const HeadCtx<T>& ctx, const A* Q, const A* Kt, int64_t i0, int m, int64_t j0, int n, A* S,
-                    uint8_t* nograd) {
+void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, A* S, uint8_t* nograd) {
   const FlashParams& p = *ctx.p;
-  const int D = p.head_dim;
   const A scale = static_cast<A>(p.scale);
   const A neg_inf = -std::numeric_limits<A>::infinity();
+  const bool indexed = ctx.qidx || ctx.kidx;
   const bool check_causal = p.causal;
   const bool check_window = p.window_left >= 0;
+  // Without gathers, positions are i and j: the tile needs no causal check when its last key is
+  // visible to its first row, and no window check when its first key is visible to its last row.
+  const bool clean = !indexed && !ctx.thr && !p.self_mask &&
+                     (!check_causal || j0 + n - 1 <= i0 + ctx.shift) &&
+                     (!check_window || j0 >= i0 + m - 1 + ctx.shift - p.window_left);
+  if (clean) {
+    for (int r = 0; r < m; ++r) {
+      A* srow = S + int64_t(r) * kBlockN;
+      if (ctx.bias) {
+        const float* brow = ctx.bias + (ctx.row0 + i0 + r) * p.bias_row_stride + ctx.col0 + j0;
+        for (int c = 0; c < n; ++c) srow[c] = srow[c] * scale + static_cast<A>(brow[c]);
+      } else {
+        for (int c = 0; c < n; ++c) srow[c] *= scale;
+      }
+      if (nograd) std::fill(nograd + int64_t(r) * kBlockN, nograd + int64_t(r) * kBlockN + n, uint8_t(0));
+    }
+    return;
+  }
   for (int r = 0; r < m; ++r) {
     A* srow = S + int64_t(r) * kBlockN;
-    for (int c = 0; c < n; ++c) srow[c] = A(0);
-    const A* qr = Q + int64_t(r) * D;
-    for (int x = 0; x < D; ++x) {
-      const A a = qr[x];
-      const A* kt = Kt + int64_t(x) * kBlockN;
-      for (int c = 0; c < n; ++c) srow[c] += a * kt[c];
-    }
     const int64_t i = i0 + r;
     const int64_t pi = ctx.qpos(i);
     const float* brow = ctx.bias ? ctx.bias + (ctx.row0 + i) * p.bias_row_stride + ctx.col0 : nullptr;
@@ -195,6 +375,7 @@ void fwd_impl(const FlashParams& p) {
   const A neg_inf = -std::numeric_limits<A>::infinity();
 
   at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
+    // Zero-initialised once: columns past n of a partial tile then hold finite stale values.
     std::vector<A> Q(int64_t(kBlockM) * D), O(int64_t(kBlockM) * D), Kt(int64_t(D) * kBlockN),
         V(int64_t(kBlockN) * D), S(int64_t(kBlockM) * kBlockN), mx(kBlockM), l(kBlockM);
     for (int64_t t = begin; t < end; ++t) {
@@ -216,30 +397,27 @@ void fwd_impl(const FlashParams& p) {
         const int n = int(std::min<int64_t>(kBlockN, p.seqlen_k - j0));
         load_rows_t(Kt.data(), ctx.k, p.k_row_stride, n, D, [&](int c) { return ctx.krow(j0 + c); });
         load_rows(V.data(), ctx.v, p.v_row_stride, n, D, [&](int c) { return ctx.krow(j0 + c); });
-        compute_scores(ctx, Q.data(), Kt.data(), i0, m, j0, n, S.data(), static_cast<uint8_t*>(nullptr));
+        tile_scores(S.data(), Q.data(), m, D, Kt.data());
+        finish_scores(ctx, i0, m, j0, n, S.data(), static_cast<uint8_t*>(nullptr));
         for (int r = 0; r < m; ++r) {
           A* srow = S.data() + int64_t(r) * kBlockN;
           A bmax = neg_inf;
           for (int c = 0; c < n; ++c) bmax = std::max(bmax, srow[c]);
           const A mnew = std::max(mx[r], bmax);
-          if (mnew == neg_inf) continue;  // nothing visible yet
-          A* orow = O.data() + int64_t(r) * D;
+          if (mnew == neg_inf) {  // nothing visible yet: this row contributes nothing
+            std::fill(srow, srow + n, A(0));
+            continue;
+          }
           if (mnew != mx[r]) {
             const A corr = std::exp(mx[r] - mnew);  // 0 when mx was -inf
             l[r] *= corr;
+            A* orow = O.data() + int64_t(r) * D;
             for (int x = 0; x < D; ++x) orow[x] *= corr;
             mx[r] = mnew;
           }
-          A lsum = A(0);
-          for (int c = 0; c < n; ++c) {
-            if (srow[c] == neg_inf) continue;
-            const A pc = std::exp(srow[c] - mnew);
-            lsum += pc;
-            const A* vr = V.data() + int64_t(c) * D;
-            for (int x = 0; x < D; ++x) orow[x] += pc * vr[x];
-          }
-          l[r] += lsum;
+          l[r] += exp_row(srow, n, mnew);  // S row now holds the unnormalised probabilities
         }
+        tile_acc(O.data(), D, S.data(), kBlockN, 1, m, n, V.data(), D, D);  // O += P V
       }
 
       T* obase = static_cast<T*>(p.o) + ctx.b * p.o_batch_stride + int64_t(h) * p.o_head_stride;
@@ -264,37 +442,35 @@ void fwd_impl(const FlashParams& p) {
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// dP[r][c] = dO[r] . V[c] (V given transposed), then dS = P * (dP - delta). Self-scored entries get
-// dS = 0 (their score is a constant).
-template <typename A>
-void compute_ds(const A* dO, const A* Vt, const A* delta, int m, int n, int D, const A* PS, A* dS,
-                const uint8_t* nograd, A* dp /* scratch [kBlockN] */) {
-  for (int r = 0; r < m; ++r) {
-    for (int c = 0; c < n; ++c) dp[c] = A(0);
-    const A* dor = dO + int64_t(r) * D;
-    for (int x = 0; x < D; ++x) {
-      const A a = dor[x];
-      const A* vt = Vt + int64_t(x) * kBlockN;
-      for (int c = 0; c < n; ++c) dp[c] += a * vt[c];
-    }
-    const A* prow = PS + int64_t(r) * kBlockN;
-    A* dsrow = dS + int64_t(r) * kBlockN;
-    const uint8_t* ng = nograd + int64_t(r) * kBlockN;
-    for (int c = 0; c < n; ++c) dsrow[c] = ng[c] ? A(0) : prow[c] * (dp[c] - delta[r]);
-  }
-}
-
-// S -> P = exp(S - lse) in place; lse = -inf rows and masked entries give 0.
-template <typename A>
-void scores_to_probs(A* S, const A* lse, int m, int n) {
+// One (query block, key tile) step shared by both backward passes. On return S holds
+// P = exp(score - lse) (0 where masked or where lse = -inf) and dS = P * (dO . V - delta), with
+// dS = 0 on self-scored entries (their score is a constant). dP is scratch of kBlockM x kBlockN.
+template <typename T, typename A>
+void bwd_tile(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, const A* Q, const A* dO, const A* lse,
+              const A* delta, const A* Kt, const A* Vt, A* S, A* dP, A* dS, uint8_t* nograd) {
+  const int D = ctx.p->head_dim;
   const A neg_inf = -std::numeric_limits<A>::infinity();
+  const bool self_mask = ctx.p->self_mask;
+  tile_scores(S, Q, m, D, Kt);
+  finish_scores(ctx, i0, m, j0, n, S, self_mask ? nograd : nullptr);
+  tile_scores(dP, dO, m, D, Vt);
   for (int r = 0; r < m; ++r) {
     A* srow = S + int64_t(r) * kBlockN;
+    A* dsrow = dS + int64_t(r) * kBlockN;
     if (lse[r] == neg_inf) {
-      for (int c = 0; c < n; ++c) srow[c] = A(0);
+      std::fill(srow, srow + n, A(0));
+      std::fill(dsrow, dsrow + n, A(0));
       continue;
     }
-    for (int c = 0; c < n; ++c) srow[c] = srow[c] == neg_inf ? A(0) : std::exp(srow[c] - lse[r]);
+    exp_row(srow, n, lse[r]);
+    const A* dprow = dP + int64_t(r) * kBlockN;
+    const A dl = delta[r];
+    for (int c = 0; c < n; ++c) dsrow[c] = srow[c] * (dprow[c] - dl);
+    if (self_mask) {
+      const uint8_t* ng = nograd + int64_t(r) * kBlockN;
+      for (int c = 0; c < n; ++c)
+        if (ng[c]) dsrow[c] = A(0);
+    }
   }
 }
 
@@ -354,7 +530,7 @@ void bwd_impl(const FlashParams& p) {
     at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> Q(int64_t(kBlockM) * D), dO(int64_t(kBlockM) * D), dQ(int64_t(kBlockM) * D),
           Kt(int64_t(D) * kBlockN), K(int64_t(kBlockN) * D), Vt(int64_t(D) * kBlockN), S(int64_t(kBlockM) * kBlockN),
-          dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM), dp(kBlockN);
+          dP(int64_t(kBlockM) * kBlockN), dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM);
       std::vector<uint8_t> ng(int64_t(kBlockM) * kBlockN);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t blk = t % nblk;
@@ -375,19 +551,9 @@ void bwd_impl(const FlashParams& p) {
             load_rows_t(Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
             load_rows(K.data(), ctx.k, p.k_row_stride, n, D, kr);
             load_rows_t(Vt.data(), ctx.v, p.v_row_stride, n, D, kr);
-            compute_scores(ctx, Q.data(), Kt.data(), i0, m, j0, n, S.data(), ng.data());
-            scores_to_probs(S.data(), lse.data(), m, n);
-            compute_ds(dO.data(), Vt.data(), dl.data(), m, n, D, S.data(), dS.data(), ng.data(), dp.data());
-            for (int r = 0; r < m; ++r) {
-              A* dqr = dQ.data() + int64_t(r) * D;
-              const A* dsr = dS.data() + int64_t(r) * kBlockN;
-              for (int c = 0; c < n; ++c) {
-                const A w = dsr[c] * scale;
-                if (w == A(0)) continue;
-                const A* kr2 = K.data() + int64_t(c) * D;
-                for (int x = 0; x < D; ++x) dqr[x] += w * kr2[x];
-              }
-            }
+            bwd_tile(ctx, i0, m, j0, n, Q.data(), dO.data(), lse.data(), dl.data(), Kt.data(), Vt.data(), S.data(),
+                     dP.data(), dS.data(), ng.data());
+            tile_acc(dQ.data(), D, dS.data(), kBlockN, 1, m, n, K.data(), D, D);  // dQ += dS K
           }
         }
         T* dqb = static_cast<T*>(p.dq) + int64_t(b) * p.dq_batch_stride + int64_t(hq) * p.dq_head_stride;
@@ -395,7 +561,7 @@ void bwd_impl(const FlashParams& p) {
         for (int r = 0; r < m; ++r) {
           T* dst = dqb + (row0 + i0 + r) * p.dq_row_stride;
           const A* src = dQ.data() + int64_t(r) * D;
-          for (int x = 0; x < D; ++x) dst[x] = static_cast<T>(src[x]);
+          for (int x = 0; x < D; ++x) dst[x] = static_cast<T>(src[x] * scale);
         }
       }
     });
@@ -411,7 +577,8 @@ void bwd_impl(const FlashParams& p) {
     at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> Q(int64_t(kBlockM) * D), dO(int64_t(kBlockM) * D), Kt(int64_t(D) * kBlockN),
           Vt(int64_t(D) * kBlockN), dK(int64_t(kBlockN) * D), dV(int64_t(kBlockN) * D), S(int64_t(kBlockM) * kBlockN),
-          dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM), dp(kBlockN), colsum(int64_t(std::max(nbh, 1)) * kBlockN);
+          dP(int64_t(kBlockM) * kBlockN), dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM),
+          colsum(int64_t(std::max(nbh, 1)) * kBlockN);
       std::vector<uint8_t> ng(int64_t(kBlockM) * kBlockN);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t blk = t % nblk;
@@ -444,25 +611,10 @@ void bwd_impl(const FlashParams& p) {
           for (int64_t i0 = ilo - (ilo % kBlockM); i0 < ihi; i0 += kBlockM) {
             const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
             load_query_side(ctx, i0, m, Q.data(), dO.data(), lse.data(), dl.data());
-            compute_scores(ctx, Q.data(), Kt.data(), i0, m, j0, n, S.data(), ng.data());
-            scores_to_probs(S.data(), lse.data(), m, n);
-            compute_ds(dO.data(), Vt.data(), dl.data(), m, n, D, S.data(), dS.data(), ng.data(), dp.data());
-            for (int c = 0; c < n; ++c) {
-              A* dvr = dV.data() + int64_t(c) * D;
-              A* dkr = dK.data() + int64_t(c) * D;
-              for (int r = 0; r < m; ++r) {
-                const A pv = S[int64_t(r) * kBlockN + c];
-                const A w = dS[int64_t(r) * kBlockN + c] * scale;
-                if (pv != A(0)) {
-                  const A* dor = dO.data() + int64_t(r) * D;
-                  for (int x = 0; x < D; ++x) dvr[x] += pv * dor[x];
-                }
-                if (w != A(0)) {
-                  const A* qr = Q.data() + int64_t(r) * D;
-                  for (int x = 0; x < D; ++x) dkr[x] += w * qr[x];
-                }
-              }
-            }
+            bwd_tile(ctx, i0, m, j0, n, Q.data(), dO.data(), lse.data(), dl.data(), Kt.data(), Vt.data(), S.data(),
+                     dP.data(), dS.data(), ng.data());
+            tile_acc(dV.data(), D, S.data(), 1, kBlockN, n, m, dO.data(), D, D);  // dV += P^T dO
+            tile_acc(dK.data(), D, dS.data(), 1, kBlockN, n, m, Q.data(), D, D);  // dK += dS^T Q
             if (dbb) {
               if (bias_rowwise) {
                 float* base = dbb + int64_t(h / bhg) * p.dbias_head_stride + col0 + j0;
@@ -489,7 +641,7 @@ void bwd_impl(const FlashParams& p) {
           const A* dks = dK.data() + int64_t(c) * D;
           const A* dvs = dV.data() + int64_t(c) * D;
           for (int x = 0; x < D; ++x) {
-            dk_dst[x] = static_cast<T>(dks[x]);
+            dk_dst[x] = static_cast<T>(dks[x] * scale);
             dv_dst[x] = static_cast<T>(dvs[x]);
           }
         }
