@@ -81,6 +81,31 @@ TORCH_LIBRARY(attnkit, m) {
   // In place: mu_c <- normalize(decay mu_c + (1 - decay) normalize(mean of the normalised x assigned
   // to c)) for every cluster that got a vector; assign (int32 [N, H]) is computed when None.
   m.def("kmeans_ema_update_(Tensor(a!) centroids, Tensor x, Tensor? assign, float decay) -> ()");
+  // ---- Dynamic Mask Attention (flash core + top-keep mask selection) ----
+  // bias [B, Hkv, Lk]: per-key scores shared by all query rows. dma_select builds the compact mask:
+  // thr / tie [B, Hkv, Lq] (fp32 / int32, the core's kept predicate), forward tile lists
+  // [B, Hkv, nQB, width] + counts [B, Hkv, nQB], backward tile lists [B, Hkv, nKB, nQB] + counts.
+  m.def(
+      "dma_select(Tensor bias, int keep, int lq, bool causal)"
+      " -> (Tensor thr, Tensor tie, Tensor fwd_list, Tensor fwd_count, Tensor bwd_list, Tensor bwd_count)");
+  // Tile lists are optional (None: no tile skipping); the backward lists ride along for autograd.
+  m.def(
+      "dma_fwd(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor thr, Tensor tie, Tensor? fwd_list,"
+      " Tensor? fwd_count, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
+      " -> (Tensor out, Tensor lse)");
+  m.def(
+      "dma_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor out, Tensor lse, Tensor thr,"
+      " Tensor tie, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
+  // Compatibility path (flash-dmattn interface): attn_mask (bool) and attn_bias broadcastable to
+  // [B, Hq|Hkv|1, Lq|1, Lk]. dbias has attn_bias's shape and dtype (empty when not asked for).
+  m.def(
+      "masked_bias_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias, bool causal,"
+      " float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "masked_bias_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias,"
+      " Tensor out, Tensor lse, bool causal, float scale, bool need_dbias)"
+      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)");
 }
 
 // attnkit._C is a Python extension module only so that `import attnkit._C` loads the library;

@@ -20,6 +20,7 @@ from .ops import (  # routing attention
     routing_attention,
     routing_commitment_loss,
 )
+from .ops import DynamicMask, dynamic_mask_attention, dynamic_mask_select, masked_bias_attention  # DMA
 
 try:
     __version__ = _metadata.version("attnkit")
@@ -37,3 +38,4 @@ __all__ = [
     "nn",
     "__version__",
 ]
+__all__ += ["DynamicMask", "dynamic_mask_attention", "dynamic_mask_select", "masked_bias_attention"]  # DMA

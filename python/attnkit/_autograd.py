@@ -62,3 +62,50 @@ def _routing_backward(ctx, grad_out, grad_out_seg, grad_lse):
 
 
 torch.library.register_autograd("attnkit::routing_fwd", _routing_backward, setup_context=_routing_setup_context)
+# =================================================================================================
+# Dynamic Mask Attention (DMA)
+# =================================================================================================
+import torch as _torch
+
+
+def _dma_setup_context(ctx, inputs, output):
+    q, k, v, bias, thr, tie, _fl, _fc, bl, bc, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse, thr, tie, bl, bc)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _dma_backward(ctx, dout, _dlse):
+    q, k, v, bias, out, lse, thr, tie, bl, bc = ctx.saved_tensors
+    dq, dk, dv, dbias = _torch.ops.attnkit.dma_bwd(
+        dout.contiguous(), q, k, v, bias, out, lse, thr, tie, bl, bc, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+
+
+_torch.library.register_autograd("attnkit::dma_fwd", _dma_backward, setup_context=_dma_setup_context)
+
+
+def _masked_bias_setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, attn_bias, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, attn_mask, attn_bias, out, lse)
+    ctx.causal = causal
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _masked_bias_backward(ctx, dout, _dlse):
+    q, k, v, attn_mask, attn_bias, out, lse = ctx.saved_tensors
+    need_dbias = attn_bias is not None and ctx.needs_input_grad[4]
+    dq, dk, dv, dbias = _torch.ops.attnkit.masked_bias_bwd(
+        dout.contiguous(), q, k, v, attn_mask, attn_bias, out, lse, ctx.causal, ctx.scale, need_dbias
+    )
+    return dq, dk, dv, None, (dbias if need_dbias else None), None, None
+
+
+_torch.library.register_autograd(
+    "attnkit::masked_bias_fwd", _masked_bias_backward, setup_context=_masked_bias_setup_context
+)

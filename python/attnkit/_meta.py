@@ -65,3 +65,56 @@ def _kmeans_assign_fake(x, centroids):
 @torch.library.register_fake("attnkit::kmeans_ema_update_")
 def _kmeans_ema_update_fake(centroids, x, assign, decay):
     return None
+# =================================================================================================
+# Dynamic Mask Attention (DMA)
+# =================================================================================================
+import torch as _torch
+
+_DMA_BLOCK = 64  # tile size of the lists (the flash core's kFwdBlockM / kBwdBlockN)
+
+
+@_torch.library.register_fake("attnkit::dma_select")
+def _dma_select_fake(bias, keep, lq, causal):
+    b, h, lk = bias.shape
+    nqb = (lq + _DMA_BLOCK - 1) // _DMA_BLOCK
+    nkb = (lk + _DMA_BLOCK - 1) // _DMA_BLOCK
+    width = _torch.sym_min(nkb, keep + 2)
+    f32, i32 = _torch.float32, _torch.int32
+    return (
+        bias.new_empty((b, h, lq), dtype=f32),
+        bias.new_empty((b, h, lq), dtype=i32),
+        bias.new_empty((b, h, nqb, width), dtype=i32),
+        bias.new_empty((b, h, nqb), dtype=i32),
+        bias.new_empty((b, h, nkb, nqb), dtype=i32),
+        bias.new_empty((b, h, nkb), dtype=i32),
+    )
+
+
+def _dma_out_fake(q, k):
+    b, lq, hq, d = q.shape
+    hout = max(hq, k.shape[2])
+    return q.new_empty((b, lq, hout, d)), q.new_empty((b, hout, lq), dtype=_torch.float32)
+
+
+@_torch.library.register_fake("attnkit::dma_fwd")
+def _dma_fwd_fake(q, k, v, bias, thr, tie, fwd_list, fwd_count, bwd_list, bwd_count, causal, scale):
+    return _dma_out_fake(q, k)
+
+
+@_torch.library.register_fake("attnkit::dma_bwd")
+def _dma_bwd_fake(dout, q, k, v, bias, out, lse, thr, tie, bwd_list, bwd_count, causal, scale):
+    return _torch.empty_like(q), _torch.empty_like(k), _torch.empty_like(v), bias.new_empty(bias.shape)
+
+
+@_torch.library.register_fake("attnkit::masked_bias_fwd")
+def _masked_bias_fwd_fake(q, k, v, attn_mask, attn_bias, causal, scale):
+    return _dma_out_fake(q, k)
+
+
+@_torch.library.register_fake("attnkit::masked_bias_bwd")
+def _masked_bias_bwd_fake(dout, q, k, v, attn_mask, attn_bias, out, lse, causal, scale, need_dbias):
+    if need_dbias and attn_bias is not None:
+        dbias = attn_bias.new_empty(attn_bias.shape)
+    else:
+        dbias = q.new_empty((0,), dtype=_torch.float32)
+    return _torch.empty_like(q), _torch.empty_like(k), _torch.empty_like(v), dbias

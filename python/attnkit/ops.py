@@ -8,6 +8,7 @@ and ``_meta.py``. Each op has its own section below.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -373,3 +374,185 @@ def kmeans_init(x, num_clusters, *, iters=10, generator=None):
     for _ in range(iters):
         torch.ops.attnkit.kmeans_ema_update_(mu, x3, None, 0.0)
     return mu
+# =================================================================================================
+# Dynamic Mask Attention (DMA)
+# =================================================================================================
+
+class DynamicMask(NamedTuple):
+    """The compact mask of :func:`dynamic_mask_select` (no ``L x L`` tensor anywhere).
+
+    ``thr`` (float32) and ``tie`` (int32), both ``[B, Hkv, Lq]``: query row ``i`` keeps the visible key
+    ``j`` iff ``bias[j] > thr[i]`` or (``bias[j] == thr[i]`` and ``j <= tie[i]``). ``fwd_list[b, g, m]``
+    lists (ascending, padded with -1) the 64-key blocks holding a key that some row of the 64-row
+    query block ``m`` keeps, ``fwd_count[b, g, m]`` of them; ``bwd_list[b, g, n]`` / ``bwd_count`` list
+    the query blocks for each key block ``n``.
+    """
+
+    thr: torch.Tensor
+    tie: torch.Tensor
+    fwd_list: torch.Tensor
+    fwd_count: torch.Tensor
+    bwd_list: torch.Tensor
+    bwd_count: torch.Tensor
+
+
+def _dma_check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (got {type(x).__name__})")
+
+
+def _dma_check_qkv(q, k, v):
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        _dma_check_tensor(x, name)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, L, H, D] (got {x.dim()} dims)")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64 (got {q.dtype})")
+    for x, name in ((k, "k"), (v, "v")):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have the batch size of q ({q.shape[0]}), got {k.shape[0]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got {k.shape[3]}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq == 0 or hkv == 0 or (hq % hkv != 0 and hkv % hq != 0):
+        raise ValueError(f"the head counts of q ({hq}) and k ({hkv}) must be positive and divide one another")
+    if q.shape[3] == 0:
+        raise ValueError("q must have a non-zero head dim")
+    if q.is_cuda:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"q must be float16 or bfloat16 on CUDA (got {q.dtype})")
+        if q.shape[3] not in _CUDA_HEAD_DIMS:
+            raise ValueError(f"q has head dim {q.shape[3]}; the CUDA kernels support {_CUDA_HEAD_DIMS}")
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _dma_check_keep(keep):
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TypeError(f"keep must be an int (got {type(keep).__name__})")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (got {keep})")
+
+
+def _dma_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (got {type(scale).__name__})")
+    return float(scale)
+
+
+def _dma_check_bias_select(bias):
+    _dma_check_tensor(bias, "bias")
+    if bias.dim() != 3:
+        raise ValueError(f"bias must be 3-D [B, Hkv, Lk] (got {bias.dim()} dims)")
+    if bias.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bias must be a floating tensor (got {bias.dtype})")
+
+
+def dynamic_mask_select(bias, *, keep, lq, causal):
+    """Mask selection of Dynamic Mask Attention, without attention: returns a :class:`DynamicMask`.
+
+    ``bias`` ``[B, Hkv, Lk]``; query row ``i`` (of ``lq``) sees keys ``j <= i + (Lk - lq)`` when
+    ``causal``, all keys otherwise; it keeps all its visible keys if there are at most ``keep``, else
+    the ``keep`` visible keys with the largest bias (ties to the lower ``j``). No gradient.
+    """
+    _dma_check_bias_select(bias)
+    _dma_check_keep(keep)
+    if isinstance(lq, bool) or not isinstance(lq, int) or lq < 0:
+        raise ValueError(f"lq must be an int >= 0 (got {lq!r})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    return DynamicMask(*torch.ops.attnkit.dma_select(bias.detach(), keep, lq, causal))
+
+
+def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, return_lse=False, _tile_skip=True):
+    """Dynamic Mask Attention (trainable top-``keep`` sparse attention), fused mask selection + flash core.
+
+    Args:
+        q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hkv, D]`` (GQA: H a multiple of Hkv; SQA: the reverse).
+        bias: ``[B, Hkv, Lk]``, float32 or the dtype of q: one score per key and KV head, shared by
+            all query rows (DMA's value-derived gate). It is added to the scores of kept keys and
+            decides which keys are kept.
+        keep: number of keys each query row keeps (DMA's window size).
+        causal: bottom-right aligned causal masking (key j visible to row i iff j <= i + Lk - Lq).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the log-sum-exp ``[B, max(H, Hkv), Lq]`` (float32, not differentiable).
+
+    Row ``i`` keeps its visible keys if there are at most ``keep`` of them, else the ``keep`` visible
+    keys with the largest bias, ties going to the lower key index. Scores are
+    ``scale * q_i . k_j + bias[j]`` on kept keys, ``-inf`` elsewhere. A row with no kept key
+    outputs 0 (lse ``-inf``). Gradients flow to q, k, v and bias (``dbias[b, g, j]`` sums over the rows
+    and the query heads of KV head g); the selection itself has no gradient. The mask is never
+    materialised: the selection costs O(Lk log Lk) per (batch, KV head) and O(Lq + Lk) memory.
+    """
+    _dma_check_qkv(q, k, v)
+    _dma_check_tensor(bias, "bias")
+    if bias.dim() != 3 or tuple(bias.shape) != (q.shape[0], k.shape[2], k.shape[1]):
+        raise ValueError(
+            f"bias must have shape [B, Hkv, Lk] = {[q.shape[0], k.shape[2], k.shape[1]]}, got {list(bias.shape)}"
+        )
+    if bias.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"bias must be float32 or the dtype of q ({q.dtype}), got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"bias must be on the device of q ({q.device}), got {bias.device}")
+    _dma_check_keep(keep)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    scale = _dma_scale(scale, q.shape[3])
+    sel = torch.ops.attnkit.dma_select(bias.detach(), keep, q.shape[1], causal)
+    thr, tie, fl, fc, bl, bc = sel
+    if not _tile_skip:
+        fl = fc = bl = bc = None
+    out, lse = torch.ops.attnkit.dma_fwd(q, k, v, bias, thr, tie, fl, fc, bl, bc, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def _dma_check_broadcast(x, name, q, k):
+    b, lq, hq = q.shape[0], q.shape[1], q.shape[2]
+    lk, hkv = k.shape[1], k.shape[2]
+    if x.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dims (got {x.dim()})")
+    shape = (1,) * (4 - x.dim()) + tuple(x.shape)
+    ok = shape[0] in (1, b) and shape[1] in (1, hq, hkv) and shape[2] in (1, lq) and shape[3] in (1, lk)
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {list(x.shape)} does not broadcast to [B, H|Hkv|1, Lq|1, Lk] = "
+            f"[{b}, {hq}|{hkv}|1, {lq}|1, {lk}]"
+        )
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+
+def masked_bias_attention(q, k, v, *, attn_mask=None, attn_bias=None, causal=False, scale=None, return_lse=False):
+    """Attention with a dense boolean mask and/or additive bias (flash-dmattn's interface), on the flash core.
+
+    ``attn_mask`` (bool, True = attend) and ``attn_bias`` (float) broadcast to
+    ``[B, H|Hkv|1, Lq|1, Lk]`` (fewer leading dims are padded with 1). Scores are
+    ``scale * q.k + attn_bias`` where the mask is true (and causal visibility holds), ``-inf``
+    elsewhere; rows with nothing visible output 0. On CUDA, tiles whose mask is all false are skipped
+    in the forward and the backward. The gradient of ``attn_bias`` has its own (broadcast) shape.
+    """
+    _dma_check_qkv(q, k, v)
+    if attn_mask is not None:
+        _dma_check_tensor(attn_mask, "attn_mask")
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be a bool tensor (got {attn_mask.dtype})")
+        _dma_check_broadcast(attn_mask, "attn_mask", q, k)
+    if attn_bias is not None:
+        _dma_check_tensor(attn_bias, "attn_bias")
+        if attn_bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attn_bias must be a floating tensor (got {attn_bias.dtype})")
+        _dma_check_broadcast(attn_bias, "attn_bias", q, k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    scale = _dma_scale(scale, q.shape[3])
+    out, lse = torch.ops.attnkit.masked_bias_fwd(q, k, v, attn_mask, attn_bias, causal, scale)
+    return (out, lse) if return_lse else out

@@ -4,3 +4,8 @@ from .routing import RoutingAttention
 from .sqa import SQA_PRESETS, SparseQueryAttention
 
 __all__ = ["SparseQueryAttention", "SQA_PRESETS", "RoutingAttention"]
+
+# ---- Dynamic Mask Attention ----
+from .dma import DynamicMaskAttention  # noqa: E402
+
+__all__ += ["DynamicMaskAttention"]
