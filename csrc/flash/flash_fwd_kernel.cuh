@@ -34,7 +34,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   T* sV = sK + Tr::kStages * Tr::kKVElems;
   ColTile<BN>* sCols = reinterpret_cast<ColTile<BN>*>(sV + Tr::kStages * Tr::kKVElems);
 
-  const int m_block = blockIdx.x;
+  // causal: the last query blocks see the most keys; schedule them first for a better tail
+  const int m_block = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
   const BlockCoord c = make_coord(p, blockIdx.z, blockIdx.y);
   const MaskCtx mctx = make_mask_ctx(p, c);
   const int warp = threadIdx.x >> 5;
