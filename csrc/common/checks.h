@@ -7,7 +7,8 @@
 #define ATTNKIT_CHECK_DIM(x, n) \
   TORCH_CHECK((x).dim() == (n), #x " must have ", (n), " dimensions (got ", (x).dim(), ")")
 #define ATTNKIT_CHECK_LAST_CONTIGUOUS(x) \
-  TORCH_CHECK((x).size(-1) <= 1 || (x).stride(-1) == 1, #x " must be contiguous in its last dimension")
+  TORCH_CHECK((x).numel() == 0 || (x).size(-1) <= 1 || (x).stride(-1) == 1, \
+              #x " must be contiguous in its last dimension")
 
 namespace attnkit {
 

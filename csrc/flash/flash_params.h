@@ -19,6 +19,13 @@
 //     kept:        bias[j] > row_thr[i] || (bias[j] == row_thr[i] && j <= row_tie[i])   (when row_thr)
 //   Score: s_ij = scale * q_i.k_j + bias[row i][j] (when bias), or self_score when self_mask && pi == pj.
 //   A row with no visible key yields o = 0 and lse = -inf; its gradients are 0.
+// - Combinations the kernels accept (checked by check_flash_params in flash_validate.h): bias, row
+//   thresholds and tile lists only without segments; gathers only with h_q == h_kv; dbias of a
+//   row-broadcast bias only when each bias head lies inside one KV head's group; dbias of a per-row
+//   bias only with one bias head per output head, and the caller zero-fills it (skipped tiles are
+//   not written).
+// - CUDA shared memory: head dim 256 needs about 100 KB (forward) and 152 KB (backward) per block,
+//   available on sm80 and sm90 (the targets), not on sm86/sm89.
 #pragma once
 #include <cstdint>
 
@@ -89,7 +96,7 @@ struct FlashParams {
   // ---- backward ----
   const void* dout;  // same layout as o
   int64_t do_batch_stride, do_row_stride, do_head_stride;
-  float* delta;  // rowsum(dout * o), same layout as lse
+  float* delta;  // rowsum(dout * o), same layout and strides as lse (CUDA workspace)
   float* dq_accum;  // fp32 [B, S*seqlen_q, h_q, D] contiguous, zeroed by the caller
   int64_t dqa_batch_stride, dqa_row_stride, dqa_head_stride;
   void* dq;

@@ -8,12 +8,554 @@ and ``_meta.py``. Each op has its own section below.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
+# ------------------------------------------------------------------------------------------------
+# Shared validation helpers
+# ------------------------------------------------------------------------------------------------
 
-def sparse_query_attention(*a, **k):
-    raise NotImplementedError
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def _check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)}); call .contiguous()")
+
+
+def _check_scale(scale, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------
+# Sparse Query Attention
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_sqa_inputs(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    B, _, Hq, D = q.shape
+    _, _, Hkv, Dk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have the batch size of q ({B}), got {k.shape[0]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Dk != D:
+        raise ValueError(f"k must have the head dim of q ({D}), got {Dk}")
+    if D == 0:
+        raise ValueError("q must have a non-zero head dim")
+    if Hq == 0:
+        raise ValueError("q must have at least one head")
+    if Hkv == 0:
+        raise ValueError("k must have at least one head")
+    if Hq % Hkv != 0 and Hkv % Hq != 0:
+        raise ValueError(f"the head counts of q ({Hq}) and k ({Hkv}) must divide one another")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_last_dim_contiguous(name, t)
+    if q.device.type == "cuda":
+        if q.dtype not in _CUDA_DTYPES:
+            raise TypeError(f"q must be float16 or bfloat16 on CUDA, got {q.dtype}")
+        if D not in _CUDA_HEAD_DIMS:
+            raise ValueError(f"q has head dim {D}; on CUDA the supported head dims are {_CUDA_HEAD_DIMS}")
+
+
+def sparse_query_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Sparse Query Attention: softmax attention with independent query and key/value head counts.
+
+    Args:
+        q: ``[B, Lq, Hq, D]``.
+        k, v: ``[B, Lk, Hkv, D]``. ``Hq`` and ``Hkv`` must divide one another.
+        causal: mask key ``j`` of query row ``i`` unless ``j <= i + Lk - Lq`` (bottom-right aligned,
+            as FlashAttention). A row that sees no key outputs 0 (and its lse is ``-inf``).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the fp32 log-sum-exp of each row.
+
+    Head mapping, with ``H = max(Hq, Hkv)`` output heads:
+        - ``Hq >= Hkv`` (MHA / GQA / MQA / SQA): output head ``h`` uses query head ``h`` and KV head
+          ``h // (Hq / Hkv)``;
+        - ``Hkv > Hq`` (reverse SQA): output head ``h`` uses query head ``h // (Hkv / Hq)`` and KV
+          head ``h``.
+
+    Returns:
+        ``out`` ``[B, Lq, H, D]`` in the dtype of q, or ``(out, lse)`` with lse ``[B, H, Lq]`` fp32.
+
+    Dtypes: fp16, bf16, fp32 and fp64 on CPU; fp16 and bf16 on CUDA with D in {32, 64, 96, 128, 256}.
+    Gradients flow to q, k and v (not through lse).
+    """
+    _check_sqa_inputs(q, k, v)
+    causal = _check_bool("causal", causal)
+    return_lse = _check_bool("return_lse", return_lse)
+    scale = _check_scale(scale, q.shape[-1] ** -0.5)
+    out, lse = torch.ops.attnkit.sqa_fwd(q, k, v, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Routing attention (Routing Transformer: online k-means routing, attention inside clusters)
+# ------------------------------------------------------------------------------------------------
+
+import torch.nn.functional as _rt_F  # noqa: E402
+
+
+def _rt_float(name, t):
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _rt_like_q(name, t, q):
+    _check_tensor(name, t, 4)
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if t.shape != q.shape:
+        raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
+    _check_last_dim_contiguous(name, t)
+
+
+def _rt_check_centroids(centroids, H, D, device):
+    _check_tensor("centroids", centroids, 3)
+    _rt_float("centroids", centroids)
+    if centroids.device != device:
+        raise ValueError(f"centroids must be on {device}, got {centroids.device}")
+    if centroids.shape[0] != H or centroids.shape[2] != D or centroids.shape[1] < 1:
+        raise ValueError(f"centroids must have shape [H={H}, C>=1, D={D}], got {tuple(centroids.shape)}")
+
+
+def routing_assign(q, k, centroids, *, window, shared_qk=True, key_padding_mask=None):
+    """Balanced routing of the Routing Transformer (no gradient).
+
+    q, k: [B, L, H, D]; centroids: [H, C, D] (unit norm). For each (batch, head, cluster c) returns
+    the ``window`` tokens with the largest normalize(q) . mu_c (queries) and normalize(k) . mu_c (keys),
+    ties going to the lower position, each list sorted by position: ``(q_idx, k_idx)``, both int32
+    [B, H, C, window]. ``shared_qk=True``: keys are normalize(q), k is not read (may be None) and the
+    two lists are equal. Needs 1 <= window <= L.
+
+    ``key_padding_mask`` [B, L] bool (True = padding): padded tokens rank below all others, so no list
+    holds one as long as ``window`` <= the number of unpadded tokens of every sequence (which makes
+    key padding exact inside :func:`routing_attention`).
+    """
+    _check_tensor("q", q, 4)
+    _rt_float("q", q)
+    _check_last_dim_contiguous("q", q)
+    _check_bool("shared_qk", shared_qk)
+    if not shared_qk:
+        if k is None:
+            raise ValueError("k must be given when shared_qk is False")
+        _rt_like_q("k", k, q)
+    B, L, H, D = q.shape
+    _rt_check_centroids(centroids, H, D, q.device)
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be an int, got {type(window).__name__}")
+    if not 1 <= window <= L:
+        raise ValueError(f"window must lie in [1, L={L}], got {window}")
+    _rt_check_padding(key_padding_mask, B, L, q.device)
+    q_idx, k_idx, _ = torch.ops.attnkit.routing_assign(
+        q.detach(), None if shared_qk else k.detach(), centroids.detach(), window, shared_qk, False, key_padding_mask)
+    return q_idx, k_idx
+
+
+def _rt_check_index(name, idx, B, H, device):
+    _check_tensor(name, idx, 4)
+    if idx.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {idx.dtype}")
+    if idx.device != device:
+        raise ValueError(f"{name} must be on the device of q ({device}), got {idx.device}")
+    if idx.shape[0] != B or idx.shape[1] != H:
+        raise ValueError(f"{name} must have shape [B={B}, H={H}, C, w], got {tuple(idx.shape)}")
+
+
+def _rt_check_padding(mask, B, L, device):
+    if mask is None:
+        return
+    _check_tensor("key_padding_mask", mask, 2)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be bool, got {mask.dtype}")
+    if tuple(mask.shape) != (B, L):
+        raise ValueError(f"key_padding_mask must have shape [B={B}, L={L}], got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on {device}, got {mask.device}")
+
+
+def routing_attention(q, k, v, q_idx, k_idx, *, causal=True, shared_qk=True, scale=None, deterministic=True):
+    """Attention inside routed clusters (Routing Transformer), on the flash core.
+
+    q, k, v: [B, L, H, D]; q_idx, k_idx: int32 [B, H, C, w] (from :func:`routing_assign`). In cluster
+    c, query token i of q_idx[b, h, c] attends to the key tokens of k_idx[b, h, c]:
+    softmax(scale * q_i . k_j) v_j over the visible keys; ``causal``: only keys at positions <= i;
+    ``shared_qk``: the score of a token with itself is -5e4 (it attends to itself only when nothing
+    else is visible) and k may be None, meaning k = normalize(q) (the Reformer convention; pass
+    k = F.normalize(q, dim=-1) yourself for the same). A query with no visible key in a cluster gets 0
+    there. Key padding: route padded tokens out with ``routing_assign(..., key_padding_mask=...)``.
+
+    Returns o [B, L, H, D]: a token's mean over the clusters its query was routed to, 0 when none.
+    Gradients reach q, k, v (never the routing). ``deterministic=False`` lets the CUDA backward
+    scatter with fp32 atomics (slightly faster, run-to-run bit differences); CPU is always deterministic.
+    """
+    _check_tensor("q", q, 4)
+    _rt_float("q", q)
+    _check_last_dim_contiguous("q", q)
+    _check_bool("causal", causal)
+    _check_bool("shared_qk", shared_qk)
+    _check_bool("deterministic", deterministic)
+    if k is None:
+        if not shared_qk:
+            raise ValueError("k must be given when shared_qk is False")
+        k = _rt_F.normalize(q, dim=-1)
+    _rt_like_q("k", k, q)
+    _rt_like_q("v", v, q)
+    B, L, H, D = q.shape
+    if D == 0:
+        raise ValueError("q must have a non-zero head dim")
+    _rt_check_index("q_idx", q_idx, B, H, q.device)
+    _rt_check_index("k_idx", k_idx, B, H, q.device)
+    if k_idx.shape[2] != q_idx.shape[2]:
+        raise ValueError(f"k_idx must have as many clusters as q_idx ({q_idx.shape[2]}), got {k_idx.shape[2]}")
+    scale = _check_scale(scale, D ** -0.5)
+    out, _, _ = torch.ops.attnkit.routing_fwd(q, k, v, q_idx, k_idx, None, causal, -1, shared_qk, scale,
+                                                  deterministic)
+    return out
+
+
+def _routing_local_attention(q, k, v, *, window, causal=True, self_mask=False, scale=None, key_padding_mask=None):
+    """Sliding-window attention through the core's window (the routing module's local heads): token i
+    attends to keys j with i - window < j (and j <= i when causal), i.e. ``window`` keys including
+    itself. q, k, v [B, L, H, D]."""
+    _check_tensor("q", q, 4)
+    _rt_float("q", q)
+    _check_last_dim_contiguous("q", q)
+    _rt_like_q("k", k, q)
+    _rt_like_q("v", v, q)
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    _rt_check_padding(key_padding_mask, q.shape[0], q.shape[1], q.device)
+    scale = _check_scale(scale, q.shape[-1] ** -0.5)
+    out, _, _ = torch.ops.attnkit.routing_fwd(q, k, v, None, None, key_padding_mask, causal, window - 1,
+                                                  self_mask, scale, True)
+    return out
+
+
+def _rt_flat(x, centroids, name="x"):
+    _check_tensor(name, x)
+    _rt_float(name, x)
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape [..., H, D], got {tuple(x.shape)}")
+    H, D = x.shape[-2], x.shape[-1]
+    _rt_check_centroids(centroids, H, D, x.device)
+    x3 = x.reshape(-1, H, D)
+    _check_last_dim_contiguous(name, x3)
+    return x3
+
+
+def kmeans_assign(x, centroids):
+    """The cluster of every vector: argmax_c normalize(x[..., h, :]) . centroids[h, c] (first maximum),
+    int32 of shape x.shape[:-1]. x: [..., H, D]; centroids: [H, C, D]."""
+    x3 = _rt_flat(x, centroids)
+    a = torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+    return a.reshape(x.shape[:-1])
+
+
+@torch.no_grad()
+def kmeans_ema_update_(centroids, x, *, decay, assign=None):
+    """One online k-means step of the Routing Transformer, in place on ``centroids`` [H, C, D]:
+    every vector x[..., h, :] goes to its argmax cluster (or ``assign``, int32 x.shape[:-1]);
+    mu_c <- normalize(decay * mu_c + (1 - decay) * normalize(mean of the normalised vectors of c)).
+    Clusters that got no vector keep their centroid. Returns ``centroids``."""
+    x3 = _rt_flat(x, centroids)
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+        raise TypeError(f"decay must be a float, got {type(decay).__name__}")
+    if not 0.0 <= float(decay) <= 1.0:
+        raise ValueError(f"decay must lie in [0, 1], got {decay}")
+    a = None
+    if assign is not None:
+        _check_tensor("assign", assign)
+        if assign.dtype != torch.int32:
+            raise TypeError(f"assign must be int32, got {assign.dtype}")
+        if tuple(assign.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
+        a = assign.reshape(x3.shape[0], x3.shape[1])
+    torch.ops.attnkit.kmeans_ema_update_(centroids, x3, a, float(decay))
+    return centroids
+
+
+def routing_commitment_loss(x, centroids, assign=None):
+    """mean over the vectors x[..., h, :] of ||normalize(x) - mu_assigned||^2 (the k-means commitment
+    loss; multiply by the commitment weight yourself). Differentiable in x; centroids are constants.
+    ``assign`` (int32 x.shape[:-1]) skips recomputing the clusters."""
+    x3 = _rt_flat(x, centroids)
+    H, C, D = centroids.shape
+    if assign is None:
+        a = torch.ops.attnkit.kmeans_assign(x3.detach(), centroids.detach())
+    else:
+        _check_tensor("assign", assign)
+        if tuple(assign.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"assign must have shape {tuple(x.shape[:-1])}, got {tuple(assign.shape)}")
+        a = assign.reshape(x3.shape[0], H)
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    xn = _rt_F.normalize(x3.to(dtype), dim=-1)
+    flat = centroids.detach().to(dtype).reshape(H * C, D)
+    offs = torch.arange(H, device=x.device) * C
+    mu = flat[a.long() + offs]  # [N, H, D]
+    if xn.numel() == 0:
+        return xn.sum()
+    return ((xn - mu) ** 2).sum(-1).mean()
+
+
+@torch.no_grad()
+def kmeans_init(x, num_clusters, *, iters=10, generator=None):
+    """Initial centroids [H, num_clusters, D] (float32, unit norm) from a batch x [..., H, D]:
+    greedy k-means++ seeding on the cosine distance (per head), then ``iters`` k-means iterations (each
+    cluster moves to the normalised mean of its vectors; clusters that got none keep their centroid)."""
+    _check_tensor("x", x)
+    _rt_float("x", x)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape [..., H, D], got {tuple(x.shape)}")
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"num_clusters must be a positive int, got {num_clusters!r}")
+    H, D = x.shape[-2], x.shape[-1]
+    x3 = x.reshape(-1, H, D)
+    N = x3.shape[0]
+    if N == 0:
+        raise ValueError("x must hold at least one vector")
+    xn = _rt_F.normalize(x3.float(), dim=-1).transpose(0, 1)  # [H, N, D]
+    heads = torch.arange(H, device=x.device)
+    first = torch.randint(0, N, (H,), generator=generator).to(x.device)
+    mu = xn.new_zeros(H, num_clusters, D)
+    mu[:, 0] = xn[heads, first]
+    dist = (1 - torch.einsum("hnd,hd->hn", xn, mu[:, 0])).clamp_min(0)
+    # greedy k-means++: of a few candidates drawn ~ distance, keep the one that lowers the potential most
+    n_try = 2 + int(math.log(num_clusters))
+    for c in range(1, num_clusters):
+        w = dist.double().cpu()
+        w[w.sum(1) <= 0] = 1.0  # every vector already is a centroid: pick any
+        cand = torch.multinomial(w, n_try, replacement=True, generator=generator).to(x.device)  # [H, T]
+        d_cand = (1 - torch.einsum("hnd,htd->htn", xn, xn[heads[:, None], cand])).clamp_min(0)
+        new_dist = torch.minimum(dist[:, None, :], d_cand)  # [H, T, N]
+        best = new_dist.sum(-1).argmin(-1)  # [H]
+        pick = cand[heads, best]
+        mu[:, c] = xn[heads, pick]
+        dist = new_dist[heads, best]
+    # an all-zero vector cannot seed a direction: replace by a random unit vector
+    zero = mu.norm(dim=-1) == 0
+    if zero.any():
+        fill = _rt_F.normalize(torch.randn(int(zero.sum()), D, generator=generator), dim=-1).to(mu.device)
+        mu[zero] = fill
+    for _ in range(iters):
+        torch.ops.attnkit.kmeans_ema_update_(mu, x3, None, 0.0)
+    return mu
+# =================================================================================================
+# Dynamic Mask Attention (DMA)
+# =================================================================================================
+
+class DynamicMask(NamedTuple):
+    """The compact mask of :func:`dynamic_mask_select` (no ``L x L`` tensor anywhere).
+
+    ``thr`` (float32) and ``tie`` (int32), both ``[B, Hkv, Lq]``: query row ``i`` keeps the visible key
+    ``j`` iff ``bias[j] > thr[i]`` or (``bias[j] == thr[i]`` and ``j <= tie[i]``). ``fwd_list[b, g, m]``
+    lists (ascending, padded with -1) the 64-key blocks holding a key that some row of the 64-row
+    query block ``m`` keeps, ``fwd_count[b, g, m]`` of them; ``bwd_list[b, g, n]`` / ``bwd_count`` list
+    the query blocks for each key block ``n``.
+    """
+
+    thr: torch.Tensor
+    tie: torch.Tensor
+    fwd_list: torch.Tensor
+    fwd_count: torch.Tensor
+    bwd_list: torch.Tensor
+    bwd_count: torch.Tensor
+
+
+def _dma_check_tensor(x, name):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (got {type(x).__name__})")
+
+
+def _dma_check_qkv(q, k, v):
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        _dma_check_tensor(x, name)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, L, H, D] (got {x.dim()} dims)")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64 (got {q.dtype})")
+    for x, name in ((k, "k"), (v, "v")):
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k must have the batch size of q ({q.shape[0]}), got {k.shape[0]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got {k.shape[3]}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq == 0 or hkv == 0 or (hq % hkv != 0 and hkv % hq != 0):
+        raise ValueError(f"the head counts of q ({hq}) and k ({hkv}) must be positive and divide one another")
+    if q.shape[3] == 0:
+        raise ValueError("q must have a non-zero head dim")
+    if q.is_cuda:
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            raise TypeError(f"q must be float16 or bfloat16 on CUDA (got {q.dtype})")
+        if q.shape[3] not in _CUDA_HEAD_DIMS:
+            raise ValueError(f"q has head dim {q.shape[3]}; the CUDA kernels support {_CUDA_HEAD_DIMS}")
+    for x, name in ((q, "q"), (k, "k"), (v, "v")):
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dimension")
+
+
+def _dma_check_keep(keep):
+    if isinstance(keep, bool) or not isinstance(keep, int):
+        raise TypeError(f"keep must be an int (got {type(keep).__name__})")
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (got {keep})")
+
+
+def _dma_scale(scale, head_dim):
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None (got {type(scale).__name__})")
+    return float(scale)
+
+
+def _dma_check_bias_select(bias):
+    _dma_check_tensor(bias, "bias")
+    if bias.dim() != 3:
+        raise ValueError(f"bias must be 3-D [B, Hkv, Lk] (got {bias.dim()} dims)")
+    if bias.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"bias must be a floating tensor (got {bias.dtype})")
+
+
+def dynamic_mask_select(bias, *, keep, lq, causal):
+    """Mask selection of Dynamic Mask Attention, without attention: returns a :class:`DynamicMask`.
+
+    ``bias`` ``[B, Hkv, Lk]``; query row ``i`` (of ``lq``) sees keys ``j <= i + (Lk - lq)`` when
+    ``causal``, all keys otherwise; it keeps all its visible keys if there are at most ``keep``, else
+    the ``keep`` visible keys with the largest bias (ties to the lower ``j``). No gradient.
+    """
+    _dma_check_bias_select(bias)
+    _dma_check_keep(keep)
+    if isinstance(lq, bool) or not isinstance(lq, int) or lq < 0:
+        raise ValueError(f"lq must be an int >= 0 (got {lq!r})")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    return DynamicMask(*torch.ops.attnkit.dma_select(bias.detach(), keep, lq, causal))
+
+
+def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, return_lse=False, _tile_skip=True):
+    """Dynamic Mask Attention (trainable top-``keep`` sparse attention), fused mask selection + flash core.
+
+    Args:
+        q: ``[B, Lq, H, D]``; k, v: ``[B, Lk, Hkv, D]`` (GQA: H a multiple of Hkv; SQA: the reverse).
+        bias: ``[B, Hkv, Lk]``, float32 or the dtype of q: one score per key and KV head, shared by
+            all query rows (DMA's value-derived gate). It is added to the scores of kept keys and
+            decides which keys are kept.
+        keep: number of keys each query row keeps (DMA's window size).
+        causal: bottom-right aligned causal masking (key j visible to row i iff j <= i + Lk - Lq).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        return_lse: also return the log-sum-exp ``[B, max(H, Hkv), Lq]`` (float32, not differentiable).
+
+    Row ``i`` keeps its visible keys if there are at most ``keep`` of them, else the ``keep`` visible
+    keys with the largest bias, ties going to the lower key index. Scores are
+    ``scale * q_i . k_j + bias[j]`` on kept keys, ``-inf`` elsewhere. A row with no kept key
+    outputs 0 (lse ``-inf``). Gradients flow to q, k, v and bias (``dbias[b, g, j]`` sums over the rows
+    and the query heads of KV head g); the selection itself has no gradient. The mask is never
+    materialised: the selection costs O(Lk log Lk) per (batch, KV head) and O(Lq + Lk) memory.
+    """
+    _dma_check_qkv(q, k, v)
+    _dma_check_tensor(bias, "bias")
+    if bias.dim() != 3 or tuple(bias.shape) != (q.shape[0], k.shape[2], k.shape[1]):
+        raise ValueError(
+            f"bias must have shape [B, Hkv, Lk] = {[q.shape[0], k.shape[2], k.shape[1]]}, got {list(bias.shape)}"
+        )
+    if bias.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"bias must be float32 or the dtype of q ({q.dtype}), got {bias.dtype}")
+    if bias.device != q.device:
+        raise ValueError(f"bias must be on the device of q ({q.device}), got {bias.device}")
+    _dma_check_keep(keep)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    scale = _dma_scale(scale, q.shape[3])
+    sel = torch.ops.attnkit.dma_select(bias.detach(), keep, q.shape[1], causal)
+    thr, tie, fl, fc, bl, bc = sel
+    if not _tile_skip:
+        fl = fc = bl = bc = None
+    out, lse = torch.ops.attnkit.dma_fwd(q, k, v, bias, thr, tie, fl, fc, bl, bc, causal, scale)
+    return (out, lse) if return_lse else out
+
+
+def _dma_check_broadcast(x, name, q, k):
+    b, lq, hq = q.shape[0], q.shape[1], q.shape[2]
+    lk, hkv = k.shape[1], k.shape[2]
+    if x.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dims (got {x.dim()})")
+    shape = (1,) * (4 - x.dim()) + tuple(x.shape)
+    ok = shape[0] in (1, b) and shape[1] in (1, hq, hkv) and shape[2] in (1, lq) and shape[3] in (1, lk)
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {list(x.shape)} does not broadcast to [B, H|Hkv|1, Lq|1, Lk] = "
+            f"[{b}, {hq}|{hkv}|1, {lq}|1, {lk}]"
+        )
+    if x.device != q.device:
+        raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
+
+
+def masked_bias_attention(q, k, v, *, attn_mask=None, attn_bias=None, causal=False, scale=None, return_lse=False):
+    """Attention with a dense boolean mask and/or additive bias (flash-dmattn's interface), on the flash core.
+
+    ``attn_mask`` (bool, True = attend) and ``attn_bias`` (float) broadcast to
+    ``[B, H|Hkv|1, Lq|1, Lk]`` (fewer leading dims are padded with 1). Scores are
+    ``scale * q.k + attn_bias`` where the mask is true (and causal visibility holds), ``-inf``
+    elsewhere; rows with nothing visible output 0. On CUDA, tiles whose mask is all false are skipped
+    in the forward and the backward. The gradient of ``attn_bias`` has its own (broadcast) shape.
+    """
+    _dma_check_qkv(q, k, v)
+    if attn_mask is not None:
+        _dma_check_tensor(attn_mask, "attn_mask")
+        if attn_mask.dtype != torch.bool:
+            raise TypeError(f"attn_mask must be a bool tensor (got {attn_mask.dtype})")
+        _dma_check_broadcast(attn_mask, "attn_mask", q, k)
+    if attn_bias is not None:
+        _dma_check_tensor(attn_bias, "attn_bias")
+        if attn_bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"attn_bias must be a floating tensor (got {attn_bias.dtype})")
+        _dma_check_broadcast(attn_bias, "attn_bias", q, k)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    scale = _dma_scale(scale, q.shape[3])
+    out, lse = torch.ops.attnkit.masked_bias_fwd(q, k, v, attn_mask, attn_bias, causal, scale)
+    return (out, lse) if return_lse else out
 
 
 # ------------------------------------------------------------------------------------------------

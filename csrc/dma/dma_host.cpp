@@ -1,0 +1,208 @@
+#include "dma/dma_host.h"
+
+#include <limits>
+#include <string>
+
+#include "common/checks.h"
+#include "flash/flash_api.h"
+#include "sqa/sqa_checks.h"
+
+namespace attnkit::dma {
+
+namespace {
+
+bool is_floating(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
+}  // namespace
+
+void check_select_args(const at::Tensor& bias, int64_t keep, int64_t lq) {
+  ATTNKIT_CHECK_DIM(bias, 3);
+  TORCH_CHECK(is_floating(bias.scalar_type()), "bias must be float16, bfloat16, float32 or float64 (got ",
+              bias.scalar_type(), ")");
+  TORCH_CHECK(keep >= 1, "keep must be >= 1 (got ", keep, ")");
+  TORCH_CHECK(lq >= 0, "lq must be >= 0 (got ", lq, ")");
+  TORCH_CHECK(lq < std::numeric_limits<int>::max() && bias.size(2) < std::numeric_limits<int>::max() &&
+                  bias.size(0) * bias.size(1) < std::numeric_limits<int>::max(),
+              "bias / lq: sizes must fit in int32");
+}
+
+SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq, bool fill) {
+  const int64_t B = bias.size(0), H = bias.size(1), lk = bias.size(2);
+  const int64_t nqb = num_list_blocks(lq), nkb = num_list_blocks(lk);
+  const auto fopt = bias.options().dtype(at::kFloat);
+  const auto iopt = bias.options().dtype(at::kInt);
+  auto list = [&](std::initializer_list<int64_t> shape) {
+    return fill ? at::full(shape, -1, iopt) : at::empty(shape, iopt);
+  };
+  auto count = [&](std::initializer_list<int64_t> shape) { return fill ? at::zeros(shape, iopt) : at::empty(shape, iopt); };
+  return {at::empty({B, H, lq}, fopt),
+          at::empty({B, H, lq}, iopt),
+          list({B, H, nqb, fwd_list_width(lk, keep)}),
+          count({B, H, nqb}),
+          list({B, H, nkb, nqb}),
+          count({B, H, nkb})};
+}
+
+void check_dma_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                      bool for_cuda_kernel) {
+  sqa::check_sqa_inputs(q, k, v, for_cuda_kernel);
+  ATTNKIT_CHECK_DIM(bias, 3);
+  ATTNKIT_CHECK_DEVICE(bias, q.device());
+  TORCH_CHECK(bias.scalar_type() == at::kFloat || bias.scalar_type() == q.scalar_type(),
+              "bias must be float32 or the dtype of q (", q.scalar_type(), "), got ", bias.scalar_type());
+  TORCH_CHECK(bias.size(0) == q.size(0) && bias.size(1) == k.size(2) && bias.size(2) == k.size(1),
+              "bias must have shape [B, Hkv, Lk] = [", q.size(0), ", ", k.size(2), ", ", k.size(1), "], got ",
+              bias.sizes());
+}
+
+void check_mask_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& thr, const at::Tensor& tie,
+                       const std::optional<at::Tensor>& list, const std::optional<at::Tensor>& count, bool forward) {
+  const int64_t B = q.size(0), H = k.size(2), lq = q.size(1), lk = k.size(1);
+  const std::vector<int64_t> tshape{B, H, lq};
+  TORCH_CHECK(thr.sizes() == at::IntArrayRef(tshape), "thr must have shape ", at::IntArrayRef(tshape), ", got ",
+              thr.sizes());
+  TORCH_CHECK(tie.sizes() == at::IntArrayRef(tshape), "tie must have shape ", at::IntArrayRef(tshape), ", got ",
+              tie.sizes());
+  TORCH_CHECK(thr.scalar_type() == at::kFloat, "thr must be float32 (got ", thr.scalar_type(), ")");
+  TORCH_CHECK(tie.scalar_type() == at::kInt, "tie must be int32 (got ", tie.scalar_type(), ")");
+  ATTNKIT_CHECK_DEVICE(thr, q.device());
+  ATTNKIT_CHECK_DEVICE(tie, q.device());
+  const char* lname = forward ? "fwd_list" : "bwd_list";
+  const char* cname = forward ? "fwd_count" : "bwd_count";
+  TORCH_CHECK(list.has_value() == count.has_value(), lname, " and ", cname, " must be given together");
+  if (!list) return;
+  const int64_t outer = forward ? num_list_blocks(lq) : num_list_blocks(lk);
+  const int64_t inner = forward ? num_list_blocks(lk) : num_list_blocks(lq);
+  TORCH_CHECK(list->dim() == 4 && list->size(0) == B && list->size(1) == H && list->size(2) == outer &&
+                  list->size(3) <= std::max<int64_t>(inner, 0),
+              lname, " must have shape [", B, ", ", H, ", ", outer, ", <= ", inner, "], got ", list->sizes());
+  TORCH_CHECK(count->dim() == 3 && count->size(0) == B && count->size(1) == H && count->size(2) == outer, cname,
+              " must have shape [", B, ", ", H, ", ", outer, "], got ", count->sizes());
+  TORCH_CHECK(list->scalar_type() == at::kInt, lname, " must be int32");
+  TORCH_CHECK(count->scalar_type() == at::kInt, cname, " must be int32");
+  TORCH_CHECK(list->device() == q.device(), lname, " must be on ", q.device());
+  TORCH_CHECK(count->device() == q.device(), cname, " must be on ", q.device());
+}
+
+void set_dma_mask(flash::FlashParams& p, const at::Tensor& bias32, const at::Tensor* dbias32, const at::Tensor& thr,
+                  const at::Tensor& tie) {
+  const at::Tensor b4 = bias32.unsqueeze(2);  // [B, Hkv, 1, Lk]
+  if (dbias32) {
+    const at::Tensor d4 = dbias32->unsqueeze(2);
+    flash::set_bias(p, b4, &d4);
+  } else {
+    flash::set_bias(p, b4, nullptr);
+  }
+  flash::set_row_threshold(p, thr, tie);
+}
+
+void set_tile_lists(flash::FlashParams& p, const at::Tensor& list, const at::Tensor& count) {
+  TORCH_CHECK(list.is_contiguous() && count.is_contiguous(), "tile lists must be contiguous");
+  p.active_list = list.data_ptr<int>();
+  p.active_count = count.data_ptr<int>();
+  p.active_max = static_cast<int>(list.size(3));
+  p.num_outer_blocks = static_cast<int>(list.size(2));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Compatibility path
+// ------------------------------------------------------------------------------------------------
+namespace {
+
+// Left-pads t with size-1 dims to 4-D and checks that each dim broadcasts to
+// [B, Hq|Hkv|1, Lq|1, Lk|1].
+at::Tensor to4d(const at::Tensor& t, const char* name, int64_t B, int64_t hq, int64_t hkv, int64_t lq, int64_t lk) {
+  TORCH_CHECK(t.dim() <= 4, name, " must have at most 4 dimensions (got ", t.dim(), ")");
+  at::Tensor r = t;
+  while (r.dim() < 4) r = r.unsqueeze(0);
+  auto ok = [](int64_t s, std::initializer_list<int64_t> allowed) {
+    for (int64_t a : allowed)
+      if (s == a) return true;
+    return false;
+  };
+  TORCH_CHECK(ok(r.size(0), {1, B}) && ok(r.size(1), {1, hq, hkv}) && ok(r.size(2), {1, lq}) && ok(r.size(3), {1, lk}),
+              name, " of shape ", t.sizes(), " does not broadcast to [B, H|Hkv|1, Lq|1, Lk] = [", B, ", ", hq, "|",
+              hkv, "|1, ", lq, "|1, ", lk, "]");
+  return r;
+}
+
+}  // namespace
+
+void check_masked_bias_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
+                              bool for_cuda_kernel) {
+  sqa::check_sqa_inputs(q, k, v, for_cuda_kernel);
+  const int64_t B = q.size(0), hq = q.size(2), hkv = k.size(2), lq = q.size(1), lk = k.size(1);
+  if (attn_mask) {
+    TORCH_CHECK(attn_mask->scalar_type() == at::kBool, "attn_mask must be bool (got ", attn_mask->scalar_type(), ")");
+    TORCH_CHECK(attn_mask->device() == q.device(), "attn_mask must be on ", q.device());
+    to4d(*attn_mask, "attn_mask", B, hq, hkv, lq, lk);
+  }
+  if (attn_bias) {
+    TORCH_CHECK(is_floating(attn_bias->scalar_type()), "attn_bias must be floating (got ", attn_bias->scalar_type(),
+                ")");
+    TORCH_CHECK(attn_bias->device() == q.device(), "attn_bias must be on ", q.device());
+    to4d(*attn_bias, "attn_bias", B, hq, hkv, lq, lk);
+  }
+}
+
+CoreBias make_core_bias(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& attn_mask,
+                        const std::optional<at::Tensor>& attn_bias) {
+  CoreBias cb;
+  if (!attn_mask && !attn_bias) return cb;
+  const int64_t B = q.size(0), hq = q.size(2), hkv = k.size(2), lq = q.size(1), lk = k.size(1);
+  const int64_t hout = std::max(hq, hkv);
+  std::optional<at::Tensor> m4, b4;
+  if (attn_mask) m4 = to4d(*attn_mask, "attn_mask", B, hq, hkv, lq, lk);
+  if (attn_bias) b4 = to4d(*attn_bias, "attn_bias", B, hq, hkv, lq, lk);
+
+  bool rowwise = false, heads_kv = true;
+  for (const auto* t : {&m4, &b4}) {
+    if (!t->has_value()) continue;
+    if (lq > 1 && (*t)->size(2) == lq) rowwise = true;
+    if ((*t)->size(1) != 1 && (*t)->size(1) != hkv) heads_kv = false;
+  }
+  const int64_t hd = (!rowwise && heads_kv) ? hkv : hout;
+  // Output head h reads head h / (hout / Ht) of a tensor with Ht heads: repeat each head.
+  auto map_heads = [&](const at::Tensor& t) {
+    const int64_t ht = t.size(1);
+    if (ht == hd || ht == 1) return t;
+    return t.repeat_interleave(hout / ht, 1);
+  };
+  at::Tensor bias = b4 ? map_heads(*b4).to(at::kFloat) : at::zeros({1, 1, 1, 1}, q.options().dtype(at::kFloat));
+  if (m4) {
+    const at::Tensor ninf = at::full({}, -std::numeric_limits<float>::infinity(), bias.options());
+    bias = at::where(map_heads(*m4), bias, ninf);
+  }
+  if (bias.size(3) != lk || (lk > 1 && bias.stride(3) != 1))
+    bias = bias.expand({bias.size(0), bias.size(1), bias.size(2), lk}).contiguous();
+  cb.has_bias = true;
+  cb.bias = bias.expand({B, hd, rowwise ? lq : 1, lk});
+  return cb;
+}
+
+at::Tensor reduce_dbias(const at::Tensor& dbias_core, const at::Tensor& attn_bias, int64_t hq, int64_t hkv) {
+  (void)hq;
+  (void)hkv;
+  at::Tensor b4 = attn_bias;
+  while (b4.dim() < 4) b4 = b4.unsqueeze(0);
+  at::Tensor d = dbias_core;
+  const int64_t B = d.size(0), hd = d.size(1), R = d.size(2), lk = d.size(3);
+  const int64_t hb = b4.size(1);
+  if (hb != hd) {
+    if (hb == 1) {
+      d = d.sum(1, /*keepdim=*/true);
+    } else {
+      TORCH_CHECK(hd % hb == 0, "masked_bias: internal head mapping error");
+      d = d.reshape({B, hb, hd / hb, R, lk}).sum(2);
+    }
+  }
+  if (b4.size(2) == 1 && d.size(2) != 1) d = d.sum(2, true);
+  if (b4.size(0) == 1 && d.size(0) != 1) d = d.sum(0, true);
+  if (b4.size(3) == 1 && d.size(3) != 1) d = d.sum(3, true);
+  return d.reshape(attn_bias.sizes()).to(attn_bias.scalar_type());
+}
+
+}  // namespace attnkit::dma

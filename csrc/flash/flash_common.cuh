@@ -1,0 +1,264 @@
+// Pieces shared by the forward and backward flash kernels: block coordinates, row gathers, tile
+// loads into padded shared memory, per-tile score masking, and the tile-range / tile-list logic.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/mma.cuh"
+#include "flash/flash_params.h"
+
+namespace attnkit::flash {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ int floor_div(int a, int b) { return (a >= 0) ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+// Where a block of the grid sits: batch b, segment s, output head h, the query / KV heads it reads.
+struct BlockCoord {
+  int b, seg, h, hq, hk;
+  // gather index rows of this (b, h, seg); nullptr without gathers
+  const int* q_rows;
+  const int* k_rows;
+};
+
+__device__ __forceinline__ BlockCoord make_coord(const FlashParams& p, int bz, int h) {
+  BlockCoord c;
+  c.b = bz / p.num_segments;
+  c.seg = bz % p.num_segments;
+  c.h = h;
+  c.hq = h / p.q_group;
+  c.hk = h / p.kv_group;
+  c.q_rows = p.q_index ? p.q_index + c.b * p.q_index_batch_stride + c.h * p.q_index_head_stride +
+                             int64_t(c.seg) * p.seqlen_q
+                       : nullptr;
+  c.k_rows = p.k_index ? p.k_index + c.b * p.k_index_batch_stride + c.h * p.k_index_head_stride +
+                             int64_t(c.seg) * p.seqlen_k
+                       : nullptr;
+  return c;
+}
+
+// Physical row read for local row i of the segment (gathered or contiguous).
+__device__ __forceinline__ int64_t gather_row(const int* rows, int seg, int len, int i) {
+  return rows ? int64_t(rows[i]) : int64_t(seg) * len + i;
+}
+
+// Copy rows [row0, row0 + ROWS) (local, < len valid) of a [.., D] 16-bit matrix into shared memory
+// with row pitch LD. Rows past len are zero-filled. `base` already points at (batch, head).
+template <typename T, int ROWS, int D, int LD, int NTHREADS>
+__device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, const int* rows, int seg,
+                                          int len, int row0) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int c = threadIdx.x; c < ROWS * kChunks; c += NTHREADS) {
+    const int r = c / kChunks;
+    const int ch = c % kChunks;
+    const int i = row0 + r;
+    const bool valid = i < len;
+    const T* src = valid ? base + gather_row(rows, seg, len, i) * row_stride + ch * 8 : base;
+    cp_async_16(smem + r * LD + ch * 8, src, valid);
+  }
+}
+
+// Per-thread row data for the masks of the two rows a thread owns in a 16-row warp tile.
+struct RowMask {
+  int pos[2];    // positions (gathered or local + shift already added)
+  float thr[2];  // kept predicate
+  int tie[2];
+  int row[2];    // local row index (for a per-row bias)
+};
+
+// Shared per-tile column data, filled by fill_cols(): positions, raw bias of row-broadcast bias.
+template <int N>
+struct ColTile {
+  int pos[N];
+  float bias[N];
+};
+
+struct MaskCtx {
+  const FlashParams* p;
+  const float* bias_base;  // bias at (b, bias head), nullptr without bias
+  bool row_bias;           // bias has a row dimension
+  bool index;              // gathers present: positions come from the indices
+  int shift;               // seqlen_k - seqlen_q without gathers, else 0
+};
+
+__device__ __forceinline__ MaskCtx make_mask_ctx(const FlashParams& p, const BlockCoord& c) {
+  MaskCtx m;
+  m.p = &p;
+  m.bias_base = p.bias ? p.bias + c.b * p.bias_batch_stride + int64_t(c.h / p.bias_head_group) * p.bias_head_stride
+                       : nullptr;
+  m.row_bias = p.bias && p.bias_row_stride != 0;
+  m.index = p.q_index != nullptr || p.k_index != nullptr;
+  m.shift = m.index ? 0 : p.seqlen_k - p.seqlen_q;
+  return m;
+}
+
+// Column data for key block n_block (N columns), computed by the first N threads.
+template <int N>
+__device__ __forceinline__ void fill_cols(ColTile<N>& t, const MaskCtx& m, const BlockCoord& c, int n_block) {
+  const FlashParams& p = *m.p;
+  for (int j = threadIdx.x; j < N; j += blockDim.x) {
+    const int col = n_block * N + j;
+    const bool valid = col < p.seqlen_k;
+    t.pos[j] = valid ? (c.k_rows ? c.k_rows[col] : col) : 0;
+    t.bias[j] = (valid && m.bias_base && !m.row_bias) ? m.bias_base[col] : 0.f;
+  }
+}
+
+__device__ __forceinline__ void fill_rows(RowMask& r, const MaskCtx& m, const BlockCoord& c, int row0_local) {
+  const FlashParams& p = *m.p;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    const int i = row0_local + (lane >> 2) + 8 * k;
+    const bool valid = i < p.seqlen_q;
+    r.row[k] = i;
+    r.pos[k] = valid ? (c.q_rows ? c.q_rows[i] : i + m.shift) : 0;
+    if (p.row_thr && valid) {
+      const int64_t o = c.b * p.thr_batch_stride + c.hk * p.thr_head_stride + i;
+      r.thr[k] = p.row_thr[o];
+      r.tie[k] = p.row_tie[o];
+    } else {
+      r.thr[k] = -INFINITY;
+      r.tie[k] = 0x7fffffff;
+    }
+  }
+}
+
+// Whether key block n_block can hold a masked score for query rows [m0, m0 + BM) (or needs the bias
+// added). When false the tile is fully visible and the element loop is skipped.
+template <int BM, int BN>
+__device__ __forceinline__ bool tile_needs_mask(const MaskCtx& m, int m0, int n_block) {
+  const FlashParams& p = *m.p;
+  if (m.index || p.bias || p.row_thr || p.self_mask) return true;
+  const int n0 = n_block * BN;
+  if (n0 + BN > p.seqlen_k) return true;
+  if (p.causal && n0 + BN - 1 > m0 + m.shift) return true;
+  if (p.window_left >= 0 && n0 < m0 + BM - 1 + m.shift - p.window_left) return true;
+  return false;
+}
+
+// Turn raw dot products of a 16 x 8*NT warp tile into log2-domain scores:
+// x = (scale * q.k + bias) * log2(e), -inf where masked, self_score where self-masked.
+// `col0` is the warp tile's first column inside the key block, `n_block` the key block.
+// When `self_flags` is given it receives a bit per element set where the self mask applied
+// (the backward zeroes dS there, as the score is then a constant).
+template <int NT, int BN>
+__device__ __forceinline__ void scores_log2(float (&s)[NT][4], const MaskCtx& m, const RowMask& r,
+                                            const ColTile<BN>& ct, int n_block, int col0, bool needs_mask,
+                                            uint32_t* self_flags = nullptr) {
+  const FlashParams& p = *m.p;
+  const float sl2 = p.scale_log2;
+  if (!needs_mask) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+    }
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  uint32_t flags = 0;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int rk = e >> 1;
+      const int cj = col0 + j * 8 + 2 * (lane & 3) + (e & 1);  // column inside the key block
+      const int col = n_block * BN + cj;
+      const int pj = ct.pos[cj];
+      const int pi = r.pos[rk];
+      bool vis = col < p.seqlen_k && r.row[rk] < p.seqlen_q;
+      if (p.causal) vis = vis && pj <= pi;
+      if (p.window_left >= 0) vis = vis && pj >= pi - p.window_left;
+      float b = 0.f;
+      if (m.bias_base) {
+        b = m.row_bias ? (vis ? m.bias_base[int64_t(r.row[rk]) * p.bias_row_stride + col] : 0.f) : ct.bias[cj];
+      }
+      if (p.row_thr) vis = vis && (b > r.thr[rk] || (b == r.thr[rk] && col <= r.tie[rk]));
+      float x = -INFINITY;
+      if (vis) {
+        if (p.self_mask && pi == pj) {
+          x = p.self_score * kLog2e;
+          flags |= 1u << (j * 4 + e);
+        } else {
+          x = s[j][e] * sl2 + b * kLog2e;
+        }
+      }
+      s[j][e] = x;
+    }
+  }
+  if (self_flags) *self_flags = flags;
+}
+
+// The key blocks a query block visits (forward) or the query blocks a key block visits (backward):
+// either a contiguous range or an entry of the tile-skipping list.
+struct BlockIter {
+  const int* list;  // nullptr: range [begin, end)
+  int begin, end;   // range, or [0, count) into list
+  __device__ __forceinline__ int count() const { return end - begin; }
+  __device__ __forceinline__ int at(int t) const { return list ? list[t] : begin + t; }
+};
+
+// Forward: key blocks for query block m_block.
+template <int BM, int BN>
+__device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const MaskCtx& m, const BlockCoord& c,
+                                               int m_block) {
+  BlockIter it;
+  if (p.active_list) {
+    const int64_t o = (int64_t(c.b) * p.h_kv + c.hk) * p.num_outer_blocks + m_block;
+    it.list = p.active_list + o * p.active_max;
+    it.begin = 0;
+    it.end = p.active_count[o];
+    return it;
+  }
+  it.list = nullptr;
+  it.begin = 0;
+  it.end = ceil_div(p.seqlen_k, BN);
+  if (!m.index) {
+    if (p.causal) {
+      const int last_col = m_block * BM + BM - 1 + m.shift;  // last column any row of the block sees
+      it.end = last_col < 0 ? 0 : min(it.end, last_col / BN + 1);
+    }
+    if (p.window_left >= 0) {
+      const int first_col = m_block * BM + m.shift - p.window_left;
+      it.begin = max(0, floor_div(first_col, BN));
+    }
+  }
+  if (it.end < it.begin) it.end = it.begin;
+  return it;
+}
+
+// Backward: query blocks for key block n_block.
+template <int BM, int BN>
+__device__ __forceinline__ BlockIter bwd_blocks(const FlashParams& p, const MaskCtx& m, const BlockCoord& c,
+                                               int n_block) {
+  BlockIter it;
+  if (p.active_list) {
+    const int64_t o = (int64_t(c.b) * p.h_kv + c.hk) * p.num_outer_blocks + n_block;
+    it.list = p.active_list + o * p.active_max;
+    it.begin = 0;
+    it.end = p.active_count[o];
+    return it;
+  }
+  it.list = nullptr;
+  it.begin = 0;
+  it.end = ceil_div(p.seqlen_q, BM);
+  if (!m.index) {
+    if (p.causal) {
+      const int first_row = n_block * BN - m.shift;  // first row that sees the block's first column
+      it.begin = max(0, floor_div(first_row, BM));
+    }
+    if (p.window_left >= 0) {
+      const int last_row = n_block * BN + BN - 1 - m.shift + p.window_left;
+      it.end = last_row < 0 ? 0 : min(it.end, last_row / BM + 1);
+    }
+  }
+  if (it.end < it.begin) it.end = it.begin;
+  return it;
+}
+
+}  // namespace attnkit::flash

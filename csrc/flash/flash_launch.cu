@@ -1,0 +1,108 @@
+// Dispatch of the flash core over dtype and head dim, plus the two small kernels around the backward
+// (delta = rowsum(dO * O) before it, dq_accum -> dq after it).
+#include <c10/util/Exception.h>
+
+#include "common/mma.cuh"
+#include "common/static_switch.h"
+#include "flash/flash.h"
+#include "flash/flash_validate.h"
+
+namespace attnkit::flash {
+
+// The instantiations live in inst/*.cu; declare the specializations before their use.
+#define ATTNKIT_DECLARE_FLASH(T, D)                                          \
+  template <>                                                                \
+  void run_flash_fwd<T, D>(const FlashParams& params, cudaStream_t stream); \
+  template <>                                                                \
+  void run_flash_bwd<T, D>(const FlashParams& params, cudaStream_t stream);
+#define ATTNKIT_DECLARE_FLASH_D(D) ATTNKIT_DECLARE_FLASH(__half, D) ATTNKIT_DECLARE_FLASH(__nv_bfloat16, D)
+ATTNKIT_DECLARE_FLASH_D(32)
+ATTNKIT_DECLARE_FLASH_D(64)
+ATTNKIT_DECLARE_FLASH_D(96)
+ATTNKIT_DECLARE_FLASH_D(128)
+ATTNKIT_DECLARE_FLASH_D(256)
+#undef ATTNKIT_DECLARE_FLASH_D
+#undef ATTNKIT_DECLARE_FLASH
+
+namespace {
+
+// One warp per (batch, output head, row): delta = sum_d dO * O in fp32.
+template <typename T>
+__global__ void flash_bwd_delta_kernel(const FlashParams p, int64_t rows_per_head) {
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t total = int64_t(p.batch) * p.h_out * rows_per_head;
+  if (wid >= total) return;
+  const int64_t row = wid % rows_per_head;
+  const int h = int((wid / rows_per_head) % p.h_out);
+  const int b = int(wid / (rows_per_head * p.h_out));
+  const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
+  float acc = 0.f;
+  for (int i = lane; i < p.head_dim; i += 32) acc += to_float(o[i]) * to_float(d[i]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffff, acc, off);
+  if (lane == 0) p.delta[b * p.lse_batch_stride + h * p.lse_head_stride + row] = acc;
+}
+
+// dq = dq_accum, converted to T (the scale is already applied).
+template <typename T>
+__global__ void flash_bwd_dq_kernel(const FlashParams p, int64_t rows_per_head) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t total = int64_t(p.batch) * rows_per_head * p.h_q * p.head_dim;
+  if (idx >= total) return;
+  const int d = int(idx % p.head_dim);
+  const int h = int((idx / p.head_dim) % p.h_q);
+  const int64_t row = (idx / (int64_t(p.head_dim) * p.h_q)) % rows_per_head;
+  const int b = int(idx / (int64_t(p.head_dim) * p.h_q * rows_per_head));
+  const float v = p.dq_accum[b * p.dqa_batch_stride + row * p.dqa_row_stride + h * p.dqa_head_stride + d];
+  static_cast<T*>(p.dq)[b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + d] = T(v);
+}
+
+template <typename T>
+void run_bwd(const FlashParams& p, cudaStream_t stream) {
+  const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
+  const int64_t warps = int64_t(p.batch) * p.h_out * rows;
+  if (warps > 0) {
+    const int64_t blocks = (warps * 32 + 255) / 256;
+    flash_bwd_delta_kernel<T><<<dim3(unsigned(blocks)), 256, 0, stream>>>(p, rows);
+  }
+  ATTNKIT_HEADDIM_SWITCH(p.head_dim, kD, [&] { run_flash_bwd<T, kD>(p, stream); });
+  const int64_t n = int64_t(p.batch) * rows * p.h_q * p.head_dim;
+  if (n > 0) {
+    flash_bwd_dq_kernel<T><<<dim3(unsigned((n + 255) / 256)), 256, 0, stream>>>(p, rows);
+  }
+}
+
+// Checks shared with the CPU core, plus the CUDA launch limits; returns the params to launch with.
+FlashParams prepare(const FlashParams& params) {
+  check_flash_params(params);
+  TORCH_CHECK(int64_t(params.batch) * params.num_segments <= 65535,
+              "flash core (CUDA): batch * segments must be at most 65535, got ", int64_t(params.batch) * params.num_segments);
+  FlashParams p = params;
+  // keep the block-range arithmetic of an effectively unlimited window inside int
+  if (!p.q_index && !p.k_index && p.window_left > p.seqlen_q + p.seqlen_k) p.window_left = p.seqlen_q + p.seqlen_k;
+  return p;
+}
+
+}  // namespace
+
+void flash_fwd(const FlashParams& params_in, cudaStream_t stream) {
+  const FlashParams params = prepare(params_in);
+  TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
+  TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
+              "flash core (CUDA): q, k, v must be float16 or bfloat16");
+  ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] {
+    ATTNKIT_HEADDIM_SWITCH(params.head_dim, kD, [&] { run_flash_fwd<T, kD>(params, stream); });
+  });
+}
+
+void flash_bwd(const FlashParams& params_in, cudaStream_t stream) {
+  const FlashParams params = prepare(params_in);
+  TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
+  TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
+              "flash core (CUDA): q, k, v must be float16 or bfloat16");
+  ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] { run_bwd<T>(params, stream); });
+}
+
+}  // namespace attnkit::flash

@@ -1,0 +1,34 @@
+// Consistency checks of a FlashParams, shared by the CPU core and the CUDA launcher, so both accept
+// exactly the same parameter combinations. Only needs c10's exception macros (usable from .cu files).
+#pragma once
+#include <c10/util/Exception.h>
+
+#include "flash/flash_params.h"
+
+namespace attnkit::flash {
+
+inline void check_flash_params(const FlashParams& p) {
+  TORCH_CHECK(p.h_q > 0 && p.h_kv > 0 && p.h_out == p.h_q * p.q_group && p.h_out == p.h_kv * p.kv_group,
+              "flash core: inconsistent head counts");
+  TORCH_CHECK(p.num_segments >= 1, "flash core: num_segments must be >= 1");
+  TORCH_CHECK(!p.bias || p.bias_head_group >= 1, "flash core: bias_head_group must be >= 1");
+  // Bias, thresholds and tile lists are indexed by row / column of one sequence, not per segment.
+  TORCH_CHECK(p.num_segments == 1 || (!p.bias && !p.row_thr && !p.active_list),
+              "flash core: bias, row thresholds and tile lists cannot be combined with segments");
+  // K/V of a backward block are gathered once for all heads of its group; dq_accum rows are shared
+  // by the heads of a query group: gathers need one output head per query and per KV head.
+  TORCH_CHECK((!p.q_index && !p.k_index) || (p.q_group == 1 && p.kv_group == 1),
+              "flash core: gathers need as many query heads as key/value heads");
+  if (p.dbias) {
+    TORCH_CHECK(p.bias, "flash core: dbias needs a bias");
+    if (p.bias_row_stride != 0) {
+      TORCH_CHECK(p.bias_head_group == 1, "flash core: a per-row bias gradient needs one bias head per output head");
+    } else {
+      // every bias head must lie inside one KV head's group (one backward block owns its sums)
+      TORCH_CHECK(p.kv_group % p.bias_head_group == 0,
+                  "flash core: bias heads must not span several key/value heads when dbias is requested");
+    }
+  }
+}
+
+}  // namespace attnkit::flash

@@ -1,0 +1,357 @@
+// Routing attention, CPU: top-w routing, the segment-space combine / scatter around the flash core's
+// CPU path, and the online k-means update. Accumulates in fp32 (fp64 for double inputs).
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "flash/flash_cpu.h"
+#include "routing/routing_host.h"
+
+namespace attnkit::routing {
+namespace {
+
+using at::Tensor;
+
+at::ScalarType acc_type_for(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+Tensor unit_rows(const Tensor& x, at::ScalarType acc) {
+  Tensor xf = x.to(acc);
+  return xf / at::linalg_vector_norm(xf, 2, {-1}, /*keepdim=*/true).clamp_min(1e-12);
+}
+
+// scores [R, L] (contiguous) -> out [R, w] int32: the w largest, ties to the lower position, in position order.
+template <typename acc_t>
+void topw_rows(const Tensor& scores, int64_t w, Tensor& out) {
+  const int64_t R = scores.size(0), L = scores.size(1);
+  const acc_t* s = scores.data_ptr<acc_t>();
+  int* o = out.data_ptr<int>();
+  at::parallel_for(0, R, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<int> pos(L);
+    std::vector<acc_t> key(L);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t l = 0; l < L; ++l) {
+        const acc_t v = s[r * L + l];
+        key[l] = std::isnan(v) ? -std::numeric_limits<acc_t>::infinity() : v;  // NaN ranks lowest
+      }
+      std::iota(pos.begin(), pos.end(), 0);
+      auto before = [&](int a, int b) { return key[a] > key[b] || (key[a] == key[b] && a < b); };
+      if (w < L) std::nth_element(pos.begin(), pos.begin() + (w - 1), pos.end(), before);
+      std::sort(pos.begin(), pos.begin() + w);
+      std::copy(pos.begin(), pos.begin() + w, o + r * w);
+    }
+  });
+}
+
+// scores[b, h, c, l] = normalize(x[b, l, h]) . mu[h, c], as [B*H*C, L].
+Tensor routing_scores(const Tensor& x, const Tensor& mu) {
+  Tensor xn = unit_rows(x, mu.scalar_type());
+  return at::einsum("blhd,hcd->bhcl", {xn, mu}).contiguous().view({-1, x.size(1)});
+}
+
+std::tuple<Tensor, Tensor, Tensor> routing_assign_cpu(const Tensor& q, const std::optional<Tensor>& k,
+                                                      const Tensor& centroids, int64_t window, bool shared_qk,
+                                                      bool with_assign, const std::optional<Tensor>& key_padding_mask) {
+  check_assign_inputs(q, k, centroids, window, shared_qk, key_padding_mask);
+  ATTNKIT_CHECK_DEVICE(q, at::Device(at::kCPU));
+  const int64_t B = q.size(0), L = q.size(1), H = q.size(2), C = centroids.size(1);
+  const at::ScalarType acc = acc_type_for(q.scalar_type());
+  Tensor mu = centroids.to(acc).contiguous();
+  auto opts = q.options().dtype(at::kInt);
+  Tensor q_idx = at::empty({B, H, C, window}, opts);
+  Tensor k_idx = at::empty({B, H, C, window}, opts);
+  const int64_t nx = shared_qk ? 1 : 2;
+  Tensor assign = with_assign ? at::empty({nx * B, L, H}, opts) : at::empty({0}, opts);
+  if (B * H * L == 0) return {q_idx, k_idx, assign};
+  auto run = [&](const Tensor& x, Tensor& out, int64_t i) {
+    Tensor sc = routing_scores(x, mu);
+    if (with_assign)  // first maximum over the clusters (padding does not change a token's cluster)
+      assign.narrow(0, i * B, B).copy_(sc.view({B, H, C, L}).argmax(2).permute({0, 2, 1}));
+    if (key_padding_mask.has_value())  // padded tokens rank last
+      sc = sc.view({B, H, C, L})
+               .masked_fill(key_padding_mask->reshape({B, 1, 1, L}), -std::numeric_limits<double>::infinity())
+               .view({-1, L});
+    Tensor o2 = out.view({-1, window});
+    if (acc == at::kDouble) topw_rows<double>(sc, window, o2);
+    else topw_rows<float>(sc, window, o2);
+  };
+  run(q, q_idx, 0);
+  if (shared_qk) k_idx.copy_(q_idx);
+  else run(*k, k_idx, 1);
+  return {q_idx, k_idx, assign};
+}
+
+// ---- segment space <-> tokens ----
+
+// out[b, t, h, :] = sum (mean when `mean`) over the entries r of idx[b, h] (flattened [S*w]) with
+// idx == t of seg[b, r, h, :], in ascending r; tokens with no entry get 0. seg [B, S*w, H, D].
+template <typename scalar_t, typename acc_t>
+void combine_impl(const Tensor& seg, const Tensor& idx, bool mean, Tensor& out) {
+  const int64_t B = out.size(0), L = out.size(1), H = out.size(2), D = out.size(3);
+  const int64_t SW = idx.size(2) * idx.size(3);
+  const scalar_t* sp = seg.data_ptr<scalar_t>();
+  const int* ip = idx.data_ptr<int>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t sb = seg.stride(0), sr = seg.stride(1), sh = seg.stride(2);
+  at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
+    std::vector<acc_t> acc(L * D);
+    std::vector<int> cnt(L);
+    for (int64_t bh = bh0; bh < bh1; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t r = 0; r < SW; ++r) {
+        const int64_t t = ip[bh * SW + r];
+        ++cnt[t];
+        const scalar_t* src = sp + b * sb + r * sr + h * sh;
+        acc_t* dst = acc.data() + t * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<acc_t>(src[d]);
+      }
+      for (int64_t t = 0; t < L; ++t) {
+        scalar_t* dst = op + ((b * L + t) * H + h) * D;
+        const acc_t f = cnt[t] == 0 ? acc_t(0) : (mean ? acc_t(1) / static_cast<acc_t>(cnt[t]) : acc_t(1));
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[t * D + d] * f);
+      }
+    }
+  });
+}
+
+Tensor combine(const Tensor& seg, const Tensor& idx, int64_t L, bool mean) {
+  Tensor out = at::empty({seg.size(0), L, seg.size(2), seg.size(3)}, seg.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg.scalar_type(), "routing_combine", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    combine_impl<scalar_t, acc_t>(seg, idx, mean, out);
+  });
+  return out;
+}
+
+// dseg[b, r, h, :] = dout[b, idx[b, h, r], h, :] / count(token), count = entries of that token in idx[b, h].
+Tensor gather_dout(const Tensor& dout, const Tensor& idx) {
+  const int64_t B = dout.size(0), L = dout.size(1), H = dout.size(2), D = dout.size(3);
+  const int64_t SW = idx.size(2) * idx.size(3);
+  Tensor dseg = at::empty({B, SW, H, D}, dout.options());
+  if (dseg.numel() == 0) return dseg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dout.scalar_type(), "routing_gather_dout", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const scalar_t* gp = dout.data_ptr<scalar_t>();
+    const int* ip = idx.data_ptr<int>();
+    scalar_t* dp = dseg.data_ptr<scalar_t>();
+    const int64_t gb = dout.stride(0), gr = dout.stride(1), gh = dout.stride(2);
+    at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
+      std::vector<int> cnt(L);
+      for (int64_t bh = bh0; bh < bh1; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        std::fill(cnt.begin(), cnt.end(), 0);
+        for (int64_t r = 0; r < SW; ++r) ++cnt[ip[bh * SW + r]];
+        for (int64_t r = 0; r < SW; ++r) {
+          const int64_t t = ip[bh * SW + r];
+          const acc_t f = acc_t(1) / static_cast<acc_t>(cnt[t]);
+          const scalar_t* src = gp + b * gb + t * gr + h * gh;
+          scalar_t* dst = dp + ((b * SW + r) * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * f);
+        }
+      }
+    });
+  });
+  return dseg;
+}
+
+void check_cpu_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
+  ATTNKIT_CHECK_DEVICE(q, at::Device(at::kCPU));
+  ATTNKIT_CHECK_LAST_CONTIGUOUS(q);
+  ATTNKIT_CHECK_LAST_CONTIGUOUS(k);
+  ATTNKIT_CHECK_LAST_CONTIGUOUS(v);
+}
+
+// The core's additive key bias for a key padding mask: -inf on padded keys, in segment space.
+Tensor key_bias_cpu(const Tensor& mask, const AttnShapes& s, const Tensor* ki) {
+  Tensor m = mask.contiguous();
+  Tensor bias = at::zeros(key_bias_shape(s), m.options().dtype(at::kFloat));
+  const bool* mp = m.data_ptr<bool>();
+  float* bp = bias.data_ptr<float>();
+  const float ninf = -std::numeric_limits<float>::infinity();
+  if (ki == nullptr) {
+    for (int64_t i = 0; i < s.B * s.L; ++i) bp[i] = mp[i] ? ninf : 0.f;
+  } else {
+    const int* ip = ki->data_ptr<int>();
+    const int64_t SW = s.S * s.wk;
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t e = 0; e < s.H * SW; ++e) bp[b * s.H * SW + e] = mp[b * s.L + ip[b * s.H * SW + e]] ? ninf : 0.f;
+  }
+  return bias;
+}
+
+std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                   const std::optional<Tensor>& q_idx,
+                                                   const std::optional<Tensor>& k_idx,
+                                                   const std::optional<Tensor>& key_padding_mask, bool causal,
+                                                   int64_t window_left, bool self_mask, double scale,
+                                                   bool /*deterministic: backward only*/) {
+  const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
+  check_cpu_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, s, q);
+  Tensor qi, ki;
+  if (s.indexed) {
+    qi = q_idx->contiguous();
+    ki = k_idx->contiguous();
+    check_index_range_cpu(qi, "q_idx", s.L);
+    check_index_range_cpu(ki, "k_idx", s.L);
+  }
+  Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
+  Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
+  Tensor o = s.indexed ? out_seg : out;
+  Tensor lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
+  if (o.numel() > 0 && s.wk > 0) {
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      flash::set_bias(p, bias, nullptr);
+    }
+    flash::set_output(p, o, lse);
+    flash::flash_fwd_cpu(p);
+  } else {  // no query row, or no key anywhere: every row is fully masked
+    o.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+  }
+  if (s.indexed) out = combine(out_seg, qi, s.L, /*mean=*/true);
+  return {out, out_seg, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                   const Tensor& v, const std::optional<Tensor>& q_idx,
+                                                   const std::optional<Tensor>& k_idx,
+                                                   const std::optional<Tensor>& key_padding_mask,
+                                                   const Tensor& out_seg, const Tensor& lse, bool causal,
+                                                   int64_t window_left, bool self_mask, double scale,
+                                                   bool /*deterministic: the CPU path always is*/) {
+  const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
+  check_cpu_qkv(q, k, v);
+  check_key_padding_mask(key_padding_mask, s, q);
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+  const int64_t rows_q = s.S * s.wq;
+  const std::vector<int64_t> o_shape = s.indexed ? std::vector<int64_t>{s.B, rows_q, s.H, s.D} : q.sizes().vec();
+  TORCH_CHECK(out_seg.sizes() == o_shape, "out_seg must have shape ", o_shape, " (got ", out_seg.sizes(), ")");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, rows_q}) && lse.scalar_type() == at::kFloat,
+              "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
+  Tensor o = out_seg.stride(-1) == 1 ? out_seg : out_seg.contiguous();
+  Tensor lse_c = lse.contiguous();
+  Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
+  Tensor qi, ki;
+  if (s.indexed) {
+    qi = q_idx->contiguous();
+    ki = k_idx->contiguous();
+    check_index_range_cpu(qi, "q_idx", s.L);
+    check_index_range_cpu(ki, "k_idx", s.L);
+  }
+  auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+    flash::FlashParams p =
+        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    Tensor bias;
+    if (key_padding_mask.has_value()) {
+      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      flash::set_bias(p, bias, nullptr);
+    }
+    flash::set_output(p, o, lse_c);
+    flash::set_backward(p, dseg, dq, dk, dv);
+    flash::flash_bwd_cpu(p);
+  };
+  auto opts = q.options();
+  if (!s.indexed) {
+    Tensor dq = at::zeros({s.B, s.L, s.H, s.D}, opts), dk = at::zeros({s.B, s.L, s.H, s.D}, opts),
+           dv = at::zeros({s.B, s.L, s.H, s.D}, opts);
+    if (dq.numel() > 0) run_core(g, dq, dk, dv);
+    return {dq, dk, dv};
+  }
+  Tensor dq_seg = at::zeros({s.B, rows_q, s.H, s.D}, opts);
+  Tensor dk_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
+  Tensor dv_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
+  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) run_core(gather_dout(g, qi), dq_seg, dk_seg, dv_seg);
+  return {combine(dq_seg, qi, s.L, false), combine(dk_seg, ki, s.L, false), combine(dv_seg, ki, s.L, false)};
+}
+
+// ---- online k-means ----
+
+Tensor kmeans_assign_cpu(const Tensor& x, const Tensor& centroids) {
+  check_kmeans_inputs(x, centroids);
+  ATTNKIT_CHECK_DEVICE(x, at::Device(at::kCPU));
+  const at::ScalarType acc =
+      (x.scalar_type() == at::kDouble || centroids.scalar_type() == at::kDouble) ? at::kDouble : at::kFloat;
+  if (x.numel() == 0) return at::zeros({x.size(0), x.size(1)}, x.options().dtype(at::kInt));
+  Tensor xn = unit_rows(x, acc);
+  Tensor sim = at::einsum("nhd,hcd->nhc", {xn, centroids.to(acc)});
+  return sim.argmax(-1).to(at::kInt);  // first maximum
+}
+
+void kmeans_ema_update_cpu(const Tensor& centroids, const Tensor& x, const std::optional<Tensor>& assign, double decay) {
+  check_kmeans_inputs(x, centroids);
+  ATTNKIT_CHECK_DEVICE(x, at::Device(at::kCPU));
+  TORCH_CHECK(decay >= 0.0 && decay <= 1.0, "decay must lie in [0, 1] (got ", decay, ")");
+  const int64_t N = x.size(0), H = x.size(1), D = x.size(2), C = centroids.size(1);
+  Tensor a;
+  if (assign.has_value()) {
+    check_assign_tensor(*assign, x, C);
+    a = assign->contiguous();
+    if (a.numel() > 0) {
+      auto mm = at::aminmax(a);
+      TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < C,
+                  "assign values must lie in [0, C=", C, ")");
+    }
+  } else {
+    a = kmeans_assign_cpu(x, centroids);
+  }
+  if (N == 0) return;
+  Tensor xn = unit_rows(x, at::kDouble).contiguous();
+  Tensor mu = centroids.to(at::kDouble).contiguous();
+  const double* xp = xn.data_ptr<double>();
+  const int* ap = a.data_ptr<int>();
+  double* mp = mu.data_ptr<double>();
+  at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<double> sum(C * D);
+    std::vector<int64_t> cnt(C);
+    std::vector<double> nv(D);
+    for (int64_t h = h0; h < h1; ++h) {
+      std::fill(sum.begin(), sum.end(), 0.0);
+      std::fill(cnt.begin(), cnt.end(), 0);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t c = ap[n * H + h];
+        ++cnt[c];
+        for (int64_t d = 0; d < D; ++d) sum[c * D + d] += xp[(n * H + h) * D + d];
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        if (cnt[c] == 0) continue;  // keeps its centroid
+        double ss = 0.0;
+        for (int64_t d = 0; d < D; ++d) ss += (sum[c * D + d] / cnt[c]) * (sum[c * D + d] / cnt[c]);
+        const double inv_mean = 1.0 / std::max(std::sqrt(ss), 1e-12);
+        double* m = mp + (h * C + c) * D;
+        double ns = 0.0;
+        for (int64_t d = 0; d < D; ++d) {
+          nv[d] = decay * m[d] + (1.0 - decay) * (sum[c * D + d] / cnt[c]) * inv_mean;
+          ns += nv[d] * nv[d];
+        }
+        const double inv = 1.0 / std::max(std::sqrt(ns), 1e-12);
+        for (int64_t d = 0; d < D; ++d) m[d] = nv[d] * inv;
+      }
+    }
+  });
+  centroids.copy_(mu);
+}
+
+}  // namespace
+}  // namespace attnkit::routing
+
+TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
+  m.impl("routing_assign", &attnkit::routing::routing_assign_cpu);
+  m.impl("routing_fwd", &attnkit::routing::routing_fwd_cpu);
+  m.impl("routing_bwd", &attnkit::routing::routing_bwd_cpu);
+  m.impl("kmeans_assign", &attnkit::routing::kmeans_assign_cpu);
+  m.impl("kmeans_ema_update_", &attnkit::routing::kmeans_ema_update_cpu);
+}
