@@ -240,9 +240,10 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     const int64_t rows = dq.size(1);
     Tensor delta = at::empty({s.B, s.H, rows}, opts.dtype(at::kFloat));
-    Tensor dq_accum = at::zeros({s.B, rows, s.H, s.D}, opts.dtype(at::kFloat));
     flash::FlashParams p =
         core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    // deterministic: one dq slice per key block, summed in order (no atomics anywhere)
+    Tensor dq_accum = flash::alloc_dq_accum(p, opts, deterministic);
     Tensor bias;
     if (key_padding_mask.has_value()) {
       bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);
