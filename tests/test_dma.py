@@ -291,6 +291,31 @@ def test_select_cuda_matches_cpu(device, causal, lq, lk, keep):
             assert torch.equal(x, y.cpu())
 
 
+@pytest.mark.parametrize(
+    "shape,keep,causal,kind",
+    [((2, 2, 70, 200), 7, True, "nan"), ((2, 2, 200, 70), 64, True, "ties"), ((1, 2, 130, 129), 1, False, "nan"),
+     ((1, 1, 300, 4200), 37, True, "ties"), ((1, 1, 17, 17), 100, True, "randn")],
+)
+def test_select_cuda_emulation_matches_cpu(shape, keep, causal, kind):
+    """The host emulation of the CUDA selection kernels (tests/dma_select_emu.py: multi-chunk wavelet
+    build, NaN / -inf / signed zeros, ties) reproduces the CPU op exactly."""
+    import numpy as np
+    from dma_select_emu import select_emu
+
+    b, h, lq, lk = shape
+    g = np.random.default_rng(lq * 7 + lk)
+    x = g.standard_normal((b, h, lk)).astype(np.float32)
+    if kind == "ties":
+        x = g.integers(0, 4, (b, h, lk)).astype(np.float32)
+    elif kind == "nan":
+        for val, frac in ((np.nan, 0.3), (-np.inf, 0.1), (-0.0, 0.1), (0.0, 0.1)):
+            x[g.random(x.shape) < frac] = val
+    emu = select_emu(x, keep, lq, causal)
+    cpu = torch.ops.attnkit.dma_select(torch.from_numpy(x), keep, lq, causal)
+    for e, c in zip(emu, cpu):
+        assert torch.equal(torch.from_numpy(e).to(c.dtype), c)
+
+
 # ------------------------------------------------------------------------------------------------
 # Compatibility path
 # ------------------------------------------------------------------------------------------------
@@ -332,6 +357,49 @@ def test_masked_bias_matches_reference(device, causal, mask_shape, bias_shape):
         if name == "dbias":
             assert g.shape == bias.shape and g.dtype == dtype
         close(g, rg, eg, atol * (4 if name == "dbias" else 1), name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_bias_row_bias_as_stride0_expand(device):
+    """A per-row attn_bias given as a stride-0 expand over Lq still gets a per-row gradient (the core
+    reads a row stride of 0 as a row-broadcast bias and would sum every row's gradient into row 0)."""
+    dtype, d = (torch.float32, 16) if device == "cpu" else (torch.bfloat16, 64)
+    q = torch.randn(B, LQ, HQ, d, device=device, dtype=dtype)
+    k = torch.randn(B, LK, HKV, d, device=device, dtype=dtype)
+    v = torch.randn(B, LK, HKV, d, device=device, dtype=dtype)
+    dout = torch.randn(B, LQ, HQ, d, device=device, dtype=dtype)
+    base = torch.randn(B, HQ, 1, LK, device=device)
+    grads = []
+    for ab in (base.expand(B, HQ, LQ, LK), base.expand(B, HQ, LQ, LK).contiguous()):
+        out, lse = torch.ops.attnkit.masked_bias_fwd(q, k, v, None, ab, True, 0.3)
+        grads.append(torch.ops.attnkit.masked_bias_bwd(dout, q, k, v, None, ab, out, lse, True, 0.3, True)[3])
+    assert grads[0].shape == (B, HQ, LQ, LK)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[1][:, :, 1:].abs().sum() > 0  # rows other than the first carry gradient
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))])
+def test_misaligned_inputs(device):
+    """q, k, v, dout whose data pointers are not 16-byte aligned (the core copies 16-byte chunks)."""
+    def shifted(t):  # same values, storage offset of one element
+        buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+        out = buf[1:].view(t.shape)
+        out.copy_(t)
+        return out
+
+    q, k, v = (torch.randn(2, 70, h, 64, device=device, dtype=torch.float16) for h in (4, 2, 2))
+    bias = torch.randn(2, 2, 70, device=device)
+    dout = torch.randn(2, 70, 4, 64, device=device, dtype=torch.float16)
+    mask = torch.rand(2, 1, 70, 70, device=device) > 0.5
+    res = []
+    for xs in ((q, k, v, dout), tuple(shifted(t) for t in (q, k, v, dout))):
+        ins = [t.detach().requires_grad_() for t in xs[:3]]
+        out = attnkit.dynamic_mask_attention(*ins, bias, keep=9, causal=True)
+        res.append([out, *torch.autograd.grad(out, ins, xs[3])])
+        out = attnkit.masked_bias_attention(*ins, attn_mask=mask, causal=False)
+        res[-1] += [out, *torch.autograd.grad(out, ins, xs[3])]
+    for a, b in zip(*res):  # dq accumulates with atomics: equal up to the summation order
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3)
 
 
 # ------------------------------------------------------------------------------------------------

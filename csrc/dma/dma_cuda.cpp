@@ -1,5 +1,6 @@
 // Dynamic Mask Attention, CUDA registrations: mask selection (dma_select.cu) and the attention ops,
 // which fill a FlashParams (fp32 bias, row thresholds, tile lists) and run the flash core's kernels.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
@@ -65,6 +66,7 @@ void run_fwd_or_empty(const flash::FlashParams& p, const at::Tensor& k, at::Tens
     return;
   }
   flash::flash_fwd(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();  // the core's launchers do not check
 }
 
 void check_lists_contiguous(const std::optional<at::Tensor>& list, const std::optional<at::Tensor>& count,
@@ -72,17 +74,19 @@ void check_lists_contiguous(const std::optional<at::Tensor>& list, const std::op
   if (list) TORCH_CHECK(list->is_contiguous() && count->is_contiguous(), name, " and its count must be contiguous");
 }
 
-std::tuple<at::Tensor, at::Tensor> dma_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                const at::Tensor& bias, const at::Tensor& thr, const at::Tensor& tie,
-                                                const std::optional<at::Tensor>& fwd_list,
+std::tuple<at::Tensor, at::Tensor> dma_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                const at::Tensor& v_in, const at::Tensor& bias, const at::Tensor& thr,
+                                                const at::Tensor& tie, const std::optional<at::Tensor>& fwd_list,
                                                 const std::optional<at::Tensor>& fwd_count,
                                                 const std::optional<at::Tensor>& bwd_list,
                                                 const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
-  check_dma_inputs(q, k, v, bias, /*for_cuda_kernel=*/true);
-  check_mask_inputs(q, k, thr, tie, fwd_list, fwd_count, true);
-  check_mask_inputs(q, k, thr, tie, bwd_list, bwd_count, false);
+  check_dma_inputs(q_in, k_in, v_in, bias, /*for_cuda_kernel=*/true);
+  check_mask_inputs(q_in, k_in, thr, tie, fwd_list, fwd_count, true);
+  check_mask_inputs(q_in, k_in, thr, tie, bwd_list, bwd_count, false);
   check_lists_contiguous(fwd_list, fwd_count, "fwd_list");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  // the core copies 16-byte chunks: aligned pointers and strides (a copy only when needed)
+  const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const at::Tensor bias32 = bias.to(at::kFloat).contiguous();
   const at::Tensor thr_c = thr.contiguous(), tie_c = tie.contiguous();
@@ -95,24 +99,29 @@ std::tuple<at::Tensor, at::Tensor> dma_fwd_cuda(const at::Tensor& q, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
-    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& thr, const at::Tensor& tie,
-    const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
-  check_dma_inputs(q, k, v, bias, /*for_cuda_kernel=*/true);
-  sqa::check_sqa_backward_inputs(dout, q, k, out, lse);
-  check_mask_inputs(q, k, thr, tie, bwd_list, bwd_count, false);
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& bias, const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& thr,
+    const at::Tensor& tie, const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count,
+    bool causal, double scale) {
+  check_dma_inputs(q_in, k_in, v_in, bias, /*for_cuda_kernel=*/true);
+  sqa::check_sqa_backward_inputs(dout_in, q_in, k_in, out_in, lse);
+  check_mask_inputs(q_in, k_in, thr, tie, bwd_list, bwd_count, false);
   check_lists_contiguous(bwd_list, bwd_count, "bwd_list");
-  const c10::cuda::CUDAGuard guard(q.device());
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
+  const at::Tensor dout = flash::cuda_aligned(dout_in), out = flash::cuda_aligned(out_in);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const at::Tensor bias32 = bias.to(at::kFloat).contiguous();
   at::Tensor dbias32 = at::zeros_like(bias32);
   const at::Tensor thr_c = thr.contiguous(), tie_c = tie.contiguous();
   set_dma_mask(p, bias32, &dbias32, thr_c, tie_c);
   if (bwd_list) set_tile_lists(p, *bwd_list, *bwd_count);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const at::Tensor delta = at::empty_like(lse);  // the core indexes delta with lse's strides
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  const at::Tensor lse_c = lse.contiguous();  // delta below shares its (contiguous) layout
+  const at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
   const at::Tensor dq_accum = at::zeros({p.batch, p.seqlen_q, p.h_q, p.head_dim}, q.options().dtype(at::kFloat));
-  flash::set_output(p, out, lse);
+  flash::set_output(p, out, lse_c);
   flash::set_backward(p, dout, dq, dk, dv);
   flash::set_workspaces(p, delta, dq_accum);
   if (q.numel() == 0 || k.numel() == 0) {  // nothing attends: all gradients are zero
@@ -121,6 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
     dv.zero_();
   } else {
     flash::flash_bwd(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {dq, dk, dv, dbias32.to(bias.scalar_type())};
 }
@@ -156,12 +166,14 @@ std::tuple<at::Tensor, at::Tensor> masked_bias_lists(const flash::FlashParams& p
   return {list, count};
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_bias_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+std::tuple<at::Tensor, at::Tensor> masked_bias_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in,
                                                         const std::optional<at::Tensor>& attn_mask,
                                                         const std::optional<at::Tensor>& attn_bias, bool causal,
                                                         double scale) {
-  check_masked_bias_inputs(q, k, v, attn_mask, attn_bias, /*for_cuda_kernel=*/true);
-  const c10::cuda::CUDAGuard guard(q.device());
+  check_masked_bias_inputs(q_in, k_in, v_in, attn_mask, attn_bias, /*for_cuda_kernel=*/true);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const CoreBias cb = make_core_bias(q, k, attn_mask, attn_bias);
   if (cb.has_bias) flash::set_bias(p, cb.bias, nullptr);
@@ -177,12 +189,14 @@ std::tuple<at::Tensor, at::Tensor> masked_bias_fwd_cuda(const at::Tensor& q, con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias, const at::Tensor& out,
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias, const at::Tensor& out_in,
     const at::Tensor& lse, bool causal, double scale, bool need_dbias) {
-  check_masked_bias_inputs(q, k, v, attn_mask, attn_bias, /*for_cuda_kernel=*/true);
-  sqa::check_sqa_backward_inputs(dout, q, k, out, lse);
-  const c10::cuda::CUDAGuard guard(q.device());
+  check_masked_bias_inputs(q_in, k_in, v_in, attn_mask, attn_bias, /*for_cuda_kernel=*/true);
+  sqa::check_sqa_backward_inputs(dout_in, q_in, k_in, out_in, lse);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
+  const at::Tensor dout = flash::cuda_aligned(dout_in), out = flash::cuda_aligned(out_in);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const CoreBias cb = make_core_bias(q, k, attn_mask, attn_bias);
   const bool want_dbias = need_dbias && attn_bias.has_value();
@@ -196,10 +210,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
     std::tie(list, count) = masked_bias_lists(p, cb.bias, /*forward=*/false);
     set_tile_lists(p, list, count);
   }
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  const at::Tensor delta = at::empty_like(lse);  // the core indexes delta with lse's strides
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
+  const at::Tensor lse_c = lse.contiguous();  // delta below shares its (contiguous) layout
+  const at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
   const at::Tensor dq_accum = at::zeros({p.batch, p.seqlen_q, p.h_q, p.head_dim}, q.options().dtype(at::kFloat));
-  flash::set_output(p, out, lse);
+  flash::set_output(p, out, lse_c);
   flash::set_backward(p, dout, dq, dk, dv);
   flash::set_workspaces(p, delta, dq_accum);
   if (q.numel() == 0 || k.numel() == 0) {
@@ -208,6 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
     dv.zero_();
   } else {
     flash::flash_bwd(p, c10::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   at::Tensor dbias = want_dbias ? reduce_dbias(dbias_core, *attn_bias, q.size(2), k.size(2))
                                 : at::empty({0}, q.options().dtype(at::kFloat));

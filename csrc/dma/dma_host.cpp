@@ -178,6 +178,9 @@ CoreBias make_core_bias(const at::Tensor& q, const at::Tensor& k, const std::opt
   }
   if (bias.size(3) != lk || (lk > 1 && bias.stride(3) != 1))
     bias = bias.expand({bias.size(0), bias.size(1), bias.size(2), lk}).contiguous();
+  // The core reads a row stride of 0 as "one row for all queries" (row-broadcast dbias sums): a
+  // per-row bias given as a stride-0 expand over Lq must be materialised to keep per-row gradients.
+  if (rowwise && bias.size(2) == lq && bias.stride(2) == 0) bias = bias.contiguous();
   cb.has_bias = true;
   cb.bias = bias.expand({B, hd, rowwise ? lq : 1, lk});
   return cb;

@@ -79,9 +79,9 @@ Layout make_layout(const SelectParams& p) {
       L.zc = take(size_t(p.nseg) * p.levels * (p.nwords + 1) * 4);
     }
     size_t tb = 0;
-    cub::DeviceRadixSort::SortPairs(nullptr, tb, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
-                                    static_cast<const int*>(nullptr), static_cast<int*>(nullptr), int(n), 0,
-                                    sort_end_bit(p.nseg));
+    C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(
+        nullptr, tb, static_cast<const uint64_t*>(nullptr), static_cast<uint64_t*>(nullptr),
+        static_cast<const int*>(nullptr), static_cast<int*>(nullptr), int(n), 0, sort_end_bit(p.nseg)));
     L.temp_bytes = tb;
     L.temp = take(tb);
   }

@@ -35,7 +35,8 @@ inline int64_t num_list_blocks(int64_t n) {
   return (n + kListBlock - 1) / kListBlock;
 }
 inline int64_t fwd_list_width(int64_t lk, int64_t keep) {
-  return std::min<int64_t>(num_list_blocks(lk), keep + 2);
+  const int64_t nkb = num_list_blocks(lk);
+  return keep >= nkb ? nkb : std::min<int64_t>(nkb, keep + 2);  // no keep + 2 overflow for huge keep
 }
 
 // Parameters of the CUDA mask-selection kernels. Segments are the (b, g) pairs, seg = b * Hkv + g.

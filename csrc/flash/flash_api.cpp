@@ -110,11 +110,23 @@ void set_workspaces(FlashParams& p, const at::Tensor& delta, const at::Tensor& d
   TORCH_CHECK(delta.is_contiguous() && dq_accum.is_contiguous(), "flash core: delta and dq_accum must be contiguous");
   TORCH_CHECK(delta.dim() == 3 && delta.stride(0) == p.lse_batch_stride && delta.stride(1) == p.lse_head_stride,
               "flash core: delta must have the layout of lse (call set_output first)");
+  TORCH_CHECK(dq_accum.dim() == 4 || dq_accum.dim() == 5, "flash core: dq_accum must be 4-D or 5-D (split)");
+  const int64_t off = dq_accum.dim() - 4;
   p.delta = delta.data_ptr<float>();
   p.dq_accum = dq_accum.data_ptr<float>();
-  p.dqa_batch_stride = dq_accum.stride(0);
-  p.dqa_row_stride = dq_accum.stride(1);
-  p.dqa_head_stride = dq_accum.stride(2);
+  p.dq_splits = off ? static_cast<int>(dq_accum.size(0)) : 0;
+  p.dqa_split_stride = off ? dq_accum.stride(0) : 0;
+  p.dqa_batch_stride = dq_accum.stride(off);
+  p.dqa_row_stride = dq_accum.stride(off + 1);
+  p.dqa_head_stride = dq_accum.stride(off + 2);
+}
+
+at::Tensor alloc_dq_accum(const FlashParams& p, const at::TensorOptions& options, bool deterministic) {
+  const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
+  const auto opts = options.dtype(at::kFloat);
+  if (!deterministic) return at::zeros({p.batch, rows, p.h_q, p.head_dim}, opts);
+  const int64_t splits = ((int64_t(p.seqlen_k) + 63) / 64) * p.q_group;
+  return at::zeros({std::max<int64_t>(splits, 1), p.batch, rows, p.h_q, p.head_dim}, opts);
 }
 
 void set_bias(FlashParams& p, const at::Tensor& bias, const at::Tensor* dbias) {

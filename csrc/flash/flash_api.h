@@ -40,8 +40,10 @@ void set_output(FlashParams& p, const at::Tensor& o, const at::Tensor& lse);
 void set_backward(FlashParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
                   const at::Tensor& dv);
 
-// CUDA workspaces: delta [B, h_out, rows] fp32; dq_accum [B, rows, h_q, D] fp32, zeroed by the caller.
+// CUDA workspaces: delta [B, h_out, rows] fp32 with lse's layout; dq_accum fp32 zeros from
+// alloc_dq_accum: [B, rows, h_q, D] (atomics), or [splits, B, rows, h_q, D] for a deterministic dq.
 void set_workspaces(FlashParams& p, const at::Tensor& delta, const at::Tensor& dq_accum);
+at::Tensor alloc_dq_accum(const FlashParams& p, const at::TensorOptions& options, bool deterministic);
 
 // Additive fp32 bias [B, Hb, R, Lk] with R == 1 (broadcast over query rows, row stride 0) or R == rows.
 // Hb must divide h_out; bias_head_group = h_out / Hb. dbias (optional) has the shape of bias.

@@ -2,7 +2,8 @@
 // head, batch * segment). It keeps dK and dV of its 64 keys in registers and loops over every output
 // head that reads this KV head and over the query blocks that see the key block, so the reduction of
 // dK/dV over grouped query heads is done in-block, in a fixed order: deterministic, no atomics.
-// dQ is accumulated in fp32 with atomics into dq_accum and converted by a small epilogue kernel.
+// dQ is accumulated in fp32 into dq_accum (atomics, or one slice per key block for a deterministic
+// dq, see FlashParams::dq_splits) and converted by a small epilogue kernel.
 //
 // 8 warps. Per query block:
 //   phase 1 (4 x 2 warps over the 64 x 64 score block): S = Q K^T, P = exp(S - lse),
@@ -94,6 +95,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
     const float* delta_b =
         p.delta + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q;
     float* dqa_b = p.dq_accum + c.b * p.dqa_batch_stride + c.hq * p.dqa_head_stride;
+    if (p.dq_splits > 0) dqa_b += int64_t(n_block * p.q_group + h % p.q_group) * p.dqa_split_stride;
 
     const BlockIter it = bwd_blocks<BM, BN>(p, mctx, c, n_block);
     for (int t = 0; t < it.count(); ++t) {
@@ -198,10 +200,18 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
           const int row = m0 + wr * 16 + (lane >> 2) + 8 * k;
           if (row < p.seqlen_q) {
             float* dst = dqa_b + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
+            if (p.dq_splits > 0) {  // this block owns the slice: one store per element
 #pragma unroll
-            for (int j = 0; j < NT_D; ++j) {
-              atomicAdd(dst + j * 8, acc_dq[j][2 * k] * p.scale);
-              atomicAdd(dst + j * 8 + 1, acc_dq[j][2 * k + 1] * p.scale);
+              for (int j = 0; j < NT_D; ++j) {
+                *reinterpret_cast<float2*>(dst + j * 8) =
+                    make_float2(acc_dq[j][2 * k] * p.scale, acc_dq[j][2 * k + 1] * p.scale);
+              }
+            } else {
+#pragma unroll
+              for (int j = 0; j < NT_D; ++j) {
+                atomicAdd(dst + j * 8, acc_dq[j][2 * k] * p.scale);
+                atomicAdd(dst + j * 8 + 1, acc_dq[j][2 * k + 1] * p.scale);
+              }
             }
           }
         }

@@ -45,7 +45,7 @@ __global__ void flash_bwd_delta_kernel(const FlashParams p, int64_t rows_per_hea
   if (lane == 0) p.delta[b * p.lse_batch_stride + h * p.lse_head_stride + row] = acc;
 }
 
-// dq = dq_accum, converted to T (the scale is already applied).
+// dq = dq_accum (the sum of its slices in order when split), converted to T (scale already applied).
 template <typename T>
 __global__ void flash_bwd_dq_kernel(const FlashParams p, int64_t rows_per_head) {
   const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -55,7 +55,9 @@ __global__ void flash_bwd_dq_kernel(const FlashParams p, int64_t rows_per_head) 
   const int h = int((idx / p.head_dim) % p.h_q);
   const int64_t row = (idx / (int64_t(p.head_dim) * p.h_q)) % rows_per_head;
   const int b = int(idx / (int64_t(p.head_dim) * p.h_q * rows_per_head));
-  const float v = p.dq_accum[b * p.dqa_batch_stride + row * p.dqa_row_stride + h * p.dqa_head_stride + d];
+  const float* src = p.dq_accum + b * p.dqa_batch_stride + row * p.dqa_row_stride + h * p.dqa_head_stride + d;
+  float v = src[0];
+  for (int s = 1; s < p.dq_splits; ++s) v += src[s * p.dqa_split_stride];  // fixed order
   static_cast<T*>(p.dq)[b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + d] = T(v);
 }
 

@@ -99,6 +99,12 @@ struct FlashParams {
   float* delta;  // rowsum(dout * o), same layout and strides as lse (CUDA workspace)
   float* dq_accum;  // fp32 [B, S*seqlen_q, h_q, D] contiguous, zeroed by the caller
   int64_t dqa_batch_stride, dqa_row_stride, dqa_head_stride;
+  // Deterministic dq: with dq_splits > 0, dq_accum holds dq_splits = ceil(seqlen_k / kBwdBlockN) * q_group
+  // slices (dqa_split_stride apart); key block n of output head h stores into slice
+  // n * q_group + h % q_group without atomics, and the epilogue sums the slices in order.
+  // With dq_splits == 0, all blocks add into one slice with fp32 atomics (faster, run-to-run jitter).
+  int dq_splits;
+  int64_t dqa_split_stride;
   void* dq;
   int64_t dq_batch_stride, dq_row_stride, dq_head_stride;
   void* dk;  // [B, S*seqlen_k, h_kv, D]

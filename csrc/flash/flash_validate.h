@@ -3,6 +3,8 @@
 #pragma once
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "flash/flash_params.h"
 
 namespace attnkit::flash {
@@ -19,6 +21,8 @@ inline void check_flash_params(const FlashParams& p) {
   // by the heads of a query group: gathers need one output head per query and per KV head.
   TORCH_CHECK((!p.q_index && !p.k_index) || (p.q_group == 1 && p.kv_group == 1),
               "flash core: gathers need as many query heads as key/value heads");
+  TORCH_CHECK(p.dq_splits == 0 || p.dq_splits == std::max(1, ((p.seqlen_k + 63) / 64) * p.q_group),
+              "flash core: dq_splits must be 0 or max(1, ceil(seqlen_k / 64) * q_group)");
   if (p.dbias) {
     TORCH_CHECK(p.bias, "flash core: dbias needs a bias");
     if (p.bias_row_stride != 0) {

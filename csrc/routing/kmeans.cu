@@ -2,6 +2,7 @@
 // The sums are accumulated as 2^-32 fixed point in int64 atomics: integer addition is associative, so
 // the result does not depend on the order of the atomics (deterministic), and it is finer than fp32.
 #include <c10/cuda/CUDAException.h>
+#include <c10/macros/Macros.h>
 
 #include "routing/routing_device.cuh"
 
@@ -35,6 +36,7 @@ __global__ void kmeans_sums_kernel(KmeansSumParams p) {
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xFFFFFFFFu, ss, o);
     const float inv = 1.f / fmaxf(sqrtf(ss), 1e-12f);
     const int c = p.assign[n * p.H + h];
+    CUDA_KERNEL_ASSERT(c >= 0 && c < p.C && "kmeans: assign values must lie in [0, C)");
     unsigned long long* dst = p.sums + (static_cast<int64_t>(h) * p.C + c) * p.D;
 #pragma unroll
     for (int k = 0; k < kMaxD / 32; ++k) {
@@ -82,6 +84,8 @@ __global__ void kmeans_finalize_kernel(const unsigned long long* sums, const int
 
 void launch_kmeans_sums(const KmeansSumParams& p, cudaStream_t stream) {
   TORCH_CHECK(p.D <= kMaxD, "x: head dim must be <= ", kMaxD, " on CUDA (got ", p.D, ")");
+  // every term is |round(x_n[d] * 2^32)| <= 2^32 (1 + 2^-22): N of them must stay inside int64
+  TORCH_CHECK(p.N <= (int64_t{1} << 30), "x: at most 2^30 vectors per k-means update on CUDA (got ", p.N, ")");
   const int64_t rows = p.N * p.H;
   if (rows == 0) return;
   constexpr int kWarpsPerBlock = 8;

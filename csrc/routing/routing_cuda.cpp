@@ -129,6 +129,14 @@ Tensor scatter_atomic(const Tensor& seg, const Tensor& idx, int64_t L, cudaStrea
   return out;
 }
 
+// Index values must lie in [0, L): with L == 0 no value can, else a device-side assert (reading the
+// values back would synchronise). Runs before the core gathers rows with them.
+void check_index_cuda(const Tensor& idx, const char* name, int64_t L, cudaStream_t stream) {
+  if (idx.numel() == 0) return;
+  TORCH_CHECK(L > 0, name, " values must lie in [0, L=0) (the sequence is empty)");
+  launch_check_index(idx.data_ptr<int>(), idx.numel(), static_cast<int>(L), stream);
+}
+
 void check_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttnShapes& s) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
   TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -165,6 +173,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q_in, const Te
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
+    check_index_cuda(qi, "q_idx", s.L, stream);
+    check_index_cuda(ki, "k_idx", s.L, stream);
   }
   Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
   Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
@@ -224,13 +234,16 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
+    check_index_cuda(qi, "q_idx", s.L, stream);
+    check_index_cuda(ki, "k_idx", s.L, stream);
   }
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     const int64_t rows = dq.size(1);
     Tensor delta = at::empty({s.B, s.H, rows}, opts.dtype(at::kFloat));
-    Tensor dq_accum = at::zeros({s.B, rows, s.H, s.D}, opts.dtype(at::kFloat));
     flash::FlashParams p =
         core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    // deterministic: one dq slice per key block, summed in order (no atomics anywhere)
+    Tensor dq_accum = flash::alloc_dq_accum(p, opts, deterministic);
     Tensor bias;
     if (key_padding_mask.has_value()) {
       bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);

@@ -91,10 +91,16 @@ void launch_cast_from_f32(const float* acc, void* out, int64_t n, ElemType dtype
 void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, int64_t SW, int L, float* bias,
                      cudaStream_t stream);
 
+// Device-side check that every idx[i] (i < n) lies in [0, L): a failing value raises a CUDA device
+// assert (the op cannot read the values back without synchronising). Run before any kernel indexes
+// memory with them (the flash core's gathers, the inverse build, the scatter).
+void launch_check_index(const int* idx, int64_t n, int L, cudaStream_t stream);
+
 // ---- online k-means ----
 // Per-cluster sums of the normalised vectors: sums[(h*C + c)*D + d] += round(x_n[d] * 2^32) as int64
 // (fixed point, so the atomics are order independent: deterministic), counts[h*C + c] += 1, for every
-// n with assign[n*H + h] == c. sums and counts zeroed by the caller.
+// n with assign[n*H + h] == c. sums and counts zeroed by the caller. assign values outside [0, C) raise a
+// device assert. |sum| <= N * 2^32 must fit int64: N <= 2^30 (checked by the launcher).
 struct KmeansSumParams {
   const void* x;  // [N, H, D], strides in elements, head dim contiguous
   int64_t x_row_stride, x_head_stride;

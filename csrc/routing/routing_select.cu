@@ -254,6 +254,7 @@ void launch_extract_assign(const unsigned long long* best, int64_t B, int H, int
 void launch_topw_select(const float* scores, int64_t rows, int64_t rows0, int L, int w, int* out0, int* out1,
                         cudaStream_t stream) {
   if (rows == 0 || w == 0) return;
+  TORCH_CHECK(rows <= 0x7FFFFFFF, "routing_assign: batch * heads * clusters must be < 2^31 on CUDA (got ", rows, ")");
   topw_select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(scores, rows0, L, w, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sqa_bwd_cuda(const at::Tensor& do
   flash::set_output(p, out, lse_c);
   flash::set_backward(p, dout, dq, dk, dv);
   at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dq_accum = flash::alloc_dq_accum(p, q.options(), /*deterministic=*/false);
   flash::set_workspaces(p, delta, dq_accum);
   flash::flash_bwd(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
