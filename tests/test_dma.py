@@ -484,7 +484,7 @@ def _bad_cases():
     mba = attnkit.masked_bias_attention
     sel = attnkit.dynamic_mask_select
     return [
-        (lambda: dma(q[0], k, v, bias, keep=3), ValueError, "q must be 4-D"),
+        (lambda: dma(q[0], k, v, bias, keep=3), ValueError, "q must have 4 dimensions"),
         (lambda: dma(q, k.double(), v, bias, keep=3), TypeError, "k must have the dtype"),
         (lambda: dma(q, k, v[:, :-1], bias, keep=3), ValueError, "v must have the shape"),
         (lambda: dma(q, k[..., :4], v[..., :4], bias, keep=3), ValueError, "head dim"),

@@ -55,7 +55,8 @@ def _check_bool(name: str, value) -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_sqa_inputs(q, k, v) -> None:
+def _check_attention_inputs(q, k, v) -> None:
+    """q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D]: the flash core's inputs (SQA, DMA)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, 4)
     if q.dtype not in _FLOAT_DTYPES:
@@ -113,7 +114,7 @@ def sparse_query_attention(q, k, v, *, causal=False, scale=None, return_lse=Fals
     Dtypes: fp16, bf16, fp32 and fp64 on CPU; fp16 and bf16 on CUDA with D in {32, 64, 96, 128, 256}.
     Gradients flow to q, k and v (not through lse).
     """
-    _check_sqa_inputs(q, k, v)
+    _check_attention_inputs(q, k, v)
     causal = _check_bool("causal", causal)
     return_lse = _check_bool("return_lse", return_lse)
     scale = _check_scale(scale, q.shape[-1] ** -0.5)
@@ -396,44 +397,6 @@ class DynamicMask(NamedTuple):
     bwd_count: torch.Tensor
 
 
-def _dma_check_tensor(x, name):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor (got {type(x).__name__})")
-
-
-def _dma_check_qkv(q, k, v):
-    for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        _dma_check_tensor(x, name)
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, L, H, D] (got {x.dim()} dims)")
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64 (got {q.dtype})")
-    for x, name in ((k, "k"), (v, "v")):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
-        if x.device != q.device:
-            raise ValueError(f"{name} must be on the device of q ({q.device}), got {x.device}")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k must have the batch size of q ({q.shape[0]}), got {k.shape[0]}")
-    if v.shape != k.shape:
-        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[3] != q.shape[3]:
-        raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got {k.shape[3]}")
-    hq, hkv = q.shape[2], k.shape[2]
-    if hq == 0 or hkv == 0 or (hq % hkv != 0 and hkv % hq != 0):
-        raise ValueError(f"the head counts of q ({hq}) and k ({hkv}) must be positive and divide one another")
-    if q.shape[3] == 0:
-        raise ValueError("q must have a non-zero head dim")
-    if q.is_cuda:
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"q must be float16 or bfloat16 on CUDA (got {q.dtype})")
-        if q.shape[3] not in _CUDA_HEAD_DIMS:
-            raise ValueError(f"q has head dim {q.shape[3]}; the CUDA kernels support {_CUDA_HEAD_DIMS}")
-    for x, name in ((q, "q"), (k, "k"), (v, "v")):
-        if x.shape[-1] > 1 and x.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dimension")
-
-
 def _dma_check_keep(keep):
     if isinstance(keep, bool) or not isinstance(keep, int):
         raise TypeError(f"keep must be an int (got {type(keep).__name__})")
@@ -441,16 +404,8 @@ def _dma_check_keep(keep):
         raise ValueError(f"keep must be >= 1 (got {keep})")
 
 
-def _dma_scale(scale, head_dim):
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float or None (got {type(scale).__name__})")
-    return float(scale)
-
-
 def _dma_check_bias_select(bias):
-    _dma_check_tensor(bias, "bias")
+    _check_tensor("bias", bias)
     if bias.dim() != 3:
         raise ValueError(f"bias must be 3-D [B, Hkv, Lk] (got {bias.dim()} dims)")
     if bias.dtype not in _FLOAT_DTYPES:
@@ -493,8 +448,8 @@ def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, retu
     and the query heads of KV head g); the selection itself has no gradient. The mask is never
     materialised: the selection costs O(Lk log Lk) per (batch, KV head) and O(Lq + Lk) memory.
     """
-    _dma_check_qkv(q, k, v)
-    _dma_check_tensor(bias, "bias")
+    _check_attention_inputs(q, k, v)
+    _check_tensor("bias", bias)
     if bias.dim() != 3 or tuple(bias.shape) != (q.shape[0], k.shape[2], k.shape[1]):
         raise ValueError(
             f"bias must have shape [B, Hkv, Lk] = {[q.shape[0], k.shape[2], k.shape[1]]}, got {list(bias.shape)}"
@@ -506,7 +461,7 @@ def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, retu
     _dma_check_keep(keep)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
-    scale = _dma_scale(scale, q.shape[3])
+    scale = _check_scale(scale, 1.0 / math.sqrt(q.shape[3]))
     sel = torch.ops.attnkit.dma_select(bias.detach(), keep, q.shape[1], causal)
     thr, tie, fl, fc, bl, bc = sel
     if not _tile_skip:
@@ -540,20 +495,20 @@ def masked_bias_attention(q, k, v, *, attn_mask=None, attn_bias=None, causal=Fal
     elsewhere; rows with nothing visible output 0. On CUDA, tiles whose mask is all false are skipped
     in the forward and the backward. The gradient of ``attn_bias`` has its own (broadcast) shape.
     """
-    _dma_check_qkv(q, k, v)
+    _check_attention_inputs(q, k, v)
     if attn_mask is not None:
-        _dma_check_tensor(attn_mask, "attn_mask")
+        _check_tensor("attn_mask", attn_mask)
         if attn_mask.dtype != torch.bool:
             raise TypeError(f"attn_mask must be a bool tensor (got {attn_mask.dtype})")
         _dma_check_broadcast(attn_mask, "attn_mask", q, k)
     if attn_bias is not None:
-        _dma_check_tensor(attn_bias, "attn_bias")
+        _check_tensor("attn_bias", attn_bias)
         if attn_bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"attn_bias must be a floating tensor (got {attn_bias.dtype})")
         _dma_check_broadcast(attn_bias, "attn_bias", q, k)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
-    scale = _dma_scale(scale, q.shape[3])
+    scale = _check_scale(scale, 1.0 / math.sqrt(q.shape[3]))
     out, lse = torch.ops.attnkit.masked_bias_fwd(q, k, v, attn_mask, attn_bias, causal, scale)
     return (out, lse) if return_lse else out
 
@@ -565,13 +520,6 @@ def masked_bias_attention(q, k, v, *, attn_mask=None, attn_bias=None, causal=Fal
 _LT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _LT_CUDA_BLOCK_SIZES = (32, 64)
 _LT_CUDA_MAX_HEAD_DIM = 256
-
-
-def _lt_tensor(name, t, ndim=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if ndim is not None and t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
 
 
 def _lt_scale(scale) -> float:
@@ -605,7 +553,7 @@ def _lt_acc_dtype(dtype):
 
 def _lt_check_qkv(q, k, v, steps_of_one=False):
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _lt_tensor(name, t, 4)
+        _check_tensor(name, t, 4)
     if q.dtype not in _LT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     if q.device.type == "cuda" and q.dtype == torch.float64:
@@ -633,7 +581,7 @@ def _lt_check_qkv(q, k, v, steps_of_one=False):
 
 
 def _lt_slopes(slopes, q):
-    _lt_tensor("slopes", slopes, 1)
+    _check_tensor("slopes", slopes, 1)
     if not slopes.is_floating_point():
         raise TypeError(f"slopes must be a floating-point tensor, got {slopes.dtype}")
     if slopes.shape[0] != q.shape[2]:
@@ -644,7 +592,7 @@ def _lt_slopes(slopes, q):
 
 
 def _lt_state(name, s, shape, q):
-    _lt_tensor(name, s, 4)
+    _check_tensor(name, s, 4)
     if tuple(s.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape [N, H, Dk, Dv] = {list(shape)}, got {tuple(s.shape)}")
     if not s.is_floating_point():
@@ -654,7 +602,7 @@ def _lt_state(name, s, shape, q):
 
 
 def _lt_cu_seqlens(cu_seqlens, q):
-    _lt_tensor("cu_seqlens", cu_seqlens, 1)
+    _check_tensor("cu_seqlens", cu_seqlens, 1)
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.numel() < 1:
