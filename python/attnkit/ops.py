@@ -523,12 +523,9 @@ _LT_CUDA_MAX_HEAD_DIM = 256
 
 
 def _lt_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    return scale
+    if scale is None:  # lightning's scale has a value default (1.0), never None
+        raise TypeError("scale must be a float, got NoneType")
+    return _check_scale(scale, 1.0)
 
 
 def _lt_int_option(name, value, allowed_cuda, device) -> int:
