@@ -16,8 +16,8 @@
     }                                              \
   }()
 
-// IS_BF16 selects the 16-bit element type. Defined for CUDA sources only.
-#ifdef __CUDACC__
+// IS_BF16 selects the 16-bit element type. Defined for CUDA sources only (and the CPU emulator).
+#if defined(__CUDACC__) || defined(ATTNKIT_CUDA_EMU)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #define ATTNKIT_FP16_SWITCH(IS_BF16, ELEM_T, ...) \

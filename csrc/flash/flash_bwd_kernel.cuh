@@ -272,7 +272,7 @@ void launch_flash_bwd_main(const FlashParams& p, cudaStream_t stream) {
   if (Tr::kSmem > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+  ATTNKIT_LAUNCH_KERNEL(kernel, grid, Tr::kThreads, Tr::kSmem, stream, p);
 }
 
 }  // namespace attnkit::flash

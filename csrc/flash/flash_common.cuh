@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "flash/flash_params.h"
 

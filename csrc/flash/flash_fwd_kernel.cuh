@@ -171,7 +171,7 @@ void launch_flash_fwd(const FlashParams& p, cudaStream_t stream) {
   if (Tr::kSmem > 48 * 1024) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
   }
-  kernel<<<grid, Tr::kThreads, Tr::kSmem, stream>>>(p);
+  ATTNKIT_LAUNCH_KERNEL(kernel, grid, Tr::kThreads, Tr::kSmem, stream, p);
 }
 
 }  // namespace attnkit::flash

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -24,7 +25,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static  // blocks run one at a time, so one instance per kernel is a block's
 #define __align__(x) alignas(x)
 
@@ -47,6 +48,10 @@ namespace emu {
 // An H100-like device.
 inline int g_max_optin = 227 * 1024, g_smem_per_sm = 228 * 1024, g_sms = 132;
 inline size_t g_last_smem = 0;  // dynamic shared memory of the last launch
+// When set, blocks use this buffer as their dynamic shared memory (kernels that declare
+// `extern __shared__` arrays: the test defines the array and points this at it).
+inline char* g_smem_buffer = nullptr;
+inline size_t g_smem_buffer_size = 0;
 }  // namespace emu
 
 template <class F>
@@ -66,11 +71,16 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 }
 
 // ---- 16-bit floats ----
+// Like CUDA's types they convert from float with round-to-nearest-even (T(x) in kernel code).
 struct __half {
   uint16_t bits;
+  __half() = default;
+  __half(float x);
 };
 struct __nv_bfloat16 {
   uint16_t bits;
+  __nv_bfloat16() = default;
+  __nv_bfloat16(float x);
 };
 inline float __half2float(__half h) {
   _Float16 f;
@@ -101,6 +111,25 @@ inline __nv_bfloat16 __float2bfloat16_rn(float x) {
   }
   return b;
 }
+inline __half::__half(float x) : bits(__float2half_rn(x).bits) {}
+inline __nv_bfloat16::__nv_bfloat16(float x) : bits(__float2bfloat16_rn(x).bits) {}
+struct __half2 {
+  __half x, y;  // x in the low 16 bits
+};
+struct __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)};
+}
+struct alignas(8) float2 {
+  float x, y;
+};
+inline float2 make_float2(float x, float y) { return {x, y}; }
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 
@@ -232,6 +261,17 @@ inline float warp_max(float v) {
   return m;
 }
 
+// __shfl_xor_sync(full mask, v, m): lane l receives lane (l ^ m)'s value.
+inline float shfl_xor(float v, int m) {
+  const int w = warp(), l = lane();
+  std::memcpy(xch(w, l), &v, 4);
+  warp_sync();
+  float x;
+  std::memcpy(&x, xch(w, l ^ m), 4);
+  warp_sync();
+  return x;
+}
+
 template <class... KArgs, class... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   const int nthreads = int(block.x * block.y * block.z);
@@ -249,6 +289,11 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
         blk.xch.resize(nwarps);
         blk.smem.assign(smem + 64, char(0xCD));
         blk.smem_aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blk.smem.data()) + 63) / 64 * 64);
+        if (g_smem_buffer) {
+          if (smem > g_smem_buffer_size) return cudaErrorInvalidValue;
+          std::memset(g_smem_buffer, 0xCD, g_smem_buffer_size);
+          blk.smem_aligned = g_smem_buffer;
+        }
         std::vector<std::thread> threads;
         threads.reserve(nthreads);
         for (int t = 0; t < nthreads; ++t) {
@@ -280,4 +325,6 @@ inline float ceilf(float x) { return std::ceil(x); }
 inline float fmaxf(float a, float b) { return std::fmax(a, b); }
 inline float fabsf(float x) { return std::fabs(x); }
 using std::exp;
-
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
+// Blocks run one at a time, so atomics only race between the threads of one block.
+inline float atomicAdd(float* addr, float v) { return std::atomic_ref<float>(*addr).fetch_add(v); }

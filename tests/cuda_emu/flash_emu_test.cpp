@@ -1,0 +1,615 @@
+// Runs the flash core's CUDA kernels (csrc/flash: forward, delta, backward, dq epilogue, through the
+// real dispatch flash_fwd / flash_bwd of flash_launch.cu) on the CPU emulator (emu_cuda.h, with the
+// PTX primitives of common/mma.cuh from emu_mma_prims.h), and compares them with the CPU core
+// (flash_cpu.cpp): the oracle is the CPU core in float64 on the same rounded inputs; the emulated
+// kernels must satisfy |emu - ref64| <= 2 |cpu(same dtype) - ref64| + atol (FlashAttention's rule).
+// Build and run: tests/cuda_emu/run_flash.sh [filter]. Exit status 0 when every case passes.
+#define ATTNKIT_CUDA_EMU 1
+#include "emu_cuda.h"
+#include "emu_mma_prims.h"
+
+// Blocks run one at a time: the kernels' `extern __shared__` array is this one buffer.
+#undef __shared__
+#define __shared__
+#undef __align__
+#define __align__(x) __attribute__((aligned(x)))  // accepted between decl-specifiers, unlike alignas
+namespace attnkit::flash {
+constexpr size_t kEmuSmemBytes = 232 * 1024;
+alignas(16) unsigned char smem_raw[kEmuSmemBytes];
+}  // namespace attnkit::flash
+
+#include "flash/flash_launch.cu"
+#include "flash/flash_fwd_kernel.cuh"
+#include "flash/flash_bwd_kernel.cuh"
+#include "flash/inst/flash_bwd_hdim128_bf16.cu"
+#include "flash/inst/flash_bwd_hdim128_fp16.cu"
+#include "flash/inst/flash_bwd_hdim256_bf16.cu"
+#include "flash/inst/flash_bwd_hdim256_fp16.cu"
+#include "flash/inst/flash_bwd_hdim32_bf16.cu"
+#include "flash/inst/flash_bwd_hdim32_fp16.cu"
+#include "flash/inst/flash_bwd_hdim64_bf16.cu"
+#include "flash/inst/flash_bwd_hdim64_fp16.cu"
+#include "flash/inst/flash_bwd_hdim96_bf16.cu"
+#include "flash/inst/flash_bwd_hdim96_fp16.cu"
+#include "flash/inst/flash_fwd_hdim128_bf16.cu"
+#include "flash/inst/flash_fwd_hdim128_fp16.cu"
+#include "flash/inst/flash_fwd_hdim256_bf16.cu"
+#include "flash/inst/flash_fwd_hdim256_fp16.cu"
+#include "flash/inst/flash_fwd_hdim32_bf16.cu"
+#include "flash/inst/flash_fwd_hdim32_fp16.cu"
+#include "flash/inst/flash_fwd_hdim64_bf16.cu"
+#include "flash/inst/flash_fwd_hdim64_fp16.cu"
+#include "flash/inst/flash_fwd_hdim96_bf16.cu"
+#include "flash/inst/flash_fwd_hdim96_fp16.cu"
+#include "flash/flash_cpu.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <functional>
+#include <random>
+#include <string>
+
+using namespace attnkit::flash;
+
+namespace {
+
+// ---- tensors: 16-bit or double storage, strides in elements ----
+struct Buf {
+  int esize = 2;
+  std::vector<unsigned char> bytes;
+  void alloc(size_t n, int es) {
+    esize = es;
+    bytes.assign(n * es + 64, 0);
+  }
+  void* ptr() { return bytes.data(); }
+  size_t n() const { return (bytes.size() - 64) / esize; }
+};
+
+double get(const Buf& b, size_t i, ElemType t) {
+  const unsigned char* p = b.bytes.data() + i * b.esize;
+  if (t == ElemType::kFloat64) {
+    double d;
+    std::memcpy(&d, p, 8);
+    return d;
+  }
+  uint16_t u;
+  std::memcpy(&u, p, 2);
+  return t == ElemType::kFloat16 ? emu::half_bits_to_float<__half>(u) : emu::half_bits_to_float<__nv_bfloat16>(u);
+}
+void set(Buf& b, size_t i, ElemType t, double v) {
+  unsigned char* p = b.bytes.data() + i * b.esize;
+  if (t == ElemType::kFloat64) {
+    std::memcpy(p, &v, 8);
+  } else {
+    const uint16_t u = t == ElemType::kFloat16 ? __float2half_rn(float(v)).bits : __float2bfloat16_rn(float(v)).bits;
+    std::memcpy(p, &u, 2);
+  }
+}
+
+struct Layout {  // [B, R, H, D] with padded head / row pitch
+  int B, R, H, D;
+  int64_t hs, rs, bs;
+  Layout(int B_, int R_, int H_, int D_, int pad) : B(B_), R(R_), H(H_), D(D_) {
+    hs = D + pad;
+    rs = H * hs + pad;
+    bs = R * rs + pad;
+  }
+  size_t size() const { return size_t(std::max(B, 1)) * bs + 8; }
+  size_t at(int b, int r, int h, int d) const { return size_t(b * bs + r * rs + h * hs + d); }
+};
+
+struct Case {
+  std::string name;
+  int B = 1, S = 1, Lq, Lk, hq = 1, hkv = 1, D;
+  bool causal = false;
+  int window = -1;
+  int bias = 0;  // 0 none, 1 row-broadcast, 2 per-row
+  int bias_head_group = 1;
+  bool dbias = false;
+  bool kept = false;
+  bool list = false;
+  bool gather = false, self_mask = false, same_index = true;
+  int N = 0;  // physical rows of q / k with gathers
+};
+
+struct Rng {
+  std::mt19937_64 g;
+  explicit Rng(uint64_t s) : g(s) {}
+  double normal() { return std::normal_distribution<double>(0, 1)(g); }
+  int uniform(int n) { return int(std::uniform_int_distribution<int>(0, n - 1)(g)); }
+};
+
+// Inputs shared by every run of one case (values already rounded to the case's dtype).
+struct Inputs {
+  Case c;
+  ElemType t;
+  int hout, qg, kvg, Nq, Nk;
+  Layout lq, lk, lo, ldq, ldk;
+  std::vector<double> q, k, v, dout;  // in layouts lq, lk, lk, lo
+  std::vector<float> bias;            // [B][nbh][rows][Lk]
+  int nbh = 0, bias_rows = 0;
+  std::vector<float> thr;
+  std::vector<int> tie;  // [B][hkv][Lq]
+  std::vector<int> qidx, kidx;  // [B][hout][S][L]
+  std::vector<int> flist, fcount, blist, bcount;
+  int fmax = 0, bmax = 0, fouter = 0, bouter = 0;
+  Inputs(const Case& c_, ElemType t_)
+      : c(c_), t(t_), hout(std::max(c_.hq, c_.hkv)), qg(hout / c_.hq), kvg(hout / c_.hkv),
+        Nq(c_.gather ? c_.N : c_.S * c_.Lq), Nk(c_.gather ? c_.N : c_.S * c_.Lk),
+        lq(c_.B, Nq, c_.hq, c_.D, 8), lk(c_.B, Nk, c_.hkv, c_.D, 16), lo(c_.B, c_.S * c_.Lq, hout, c_.D, 8),
+        ldq(c_.B, c_.S * c_.Lq, c_.hq, c_.D, 0), ldk(c_.B, c_.S * c_.Lk, c_.hkv, c_.D, 8) {}
+};
+
+// Host visibility (flash_params.h), for building tile lists and checking empty rows. No gathers.
+bool visible(const Inputs& in, int b, int h, int i, int j) {
+  const Case& c = in.c;
+  const int shift = c.Lk - c.Lq;
+  if (c.causal && j > i + shift) return false;
+  if (c.window >= 0 && j < i + shift - c.window) return false;
+  if (c.kept) {
+    float bv = 0.f;
+    if (c.bias == 1) bv = in.bias[(size_t(b) * in.nbh + h / c.bias_head_group) * c.Lk + j];
+    const size_t o = (size_t(b) * c.hkv + h / in.kvg) * c.Lq + i;
+    if (!(bv > in.thr[o] || (bv == in.thr[o] && j <= in.tie[o]))) return false;
+  }
+  return true;
+}
+
+Inputs make_inputs(const Case& c, ElemType t, uint64_t seed) {
+  Inputs in(c, t);
+  Rng rng(seed);
+  auto fill = [&](std::vector<double>& x, const Layout& l, double sd) {
+    x.assign(l.size(), 0.0);
+    for (int b = 0; b < l.B; ++b)
+      for (int r = 0; r < l.R; ++r)
+        for (int h = 0; h < l.H; ++h)
+          for (int d = 0; d < l.D; ++d) {
+            const float v = float(sd * rng.normal());
+            x[l.at(b, r, h, d)] = t == ElemType::kFloat16 ? __half2float(__float2half_rn(v))
+                                                          : __bfloat162float(__float2bfloat16_rn(v));
+          }
+  };
+  fill(in.q, in.lq, 1.0);
+  fill(in.k, in.lk, 1.0);
+  fill(in.v, in.lk, 1.0);
+  fill(in.dout, in.lo, 1.0);
+  if (c.bias) {
+    in.nbh = in.hout / c.bias_head_group;
+    in.bias_rows = c.bias == 2 ? c.Lq : 1;
+    in.bias.resize(size_t(c.B) * in.nbh * in.bias_rows * c.Lk);
+    for (size_t i = 0; i < in.bias.size(); ++i) {
+      float v = float(std::round(4.0 * rng.normal()) / 4.0);  // quantized: ties for the kept predicate
+      const int j = int(i % c.Lk);
+      if (c.kept && j >= 64 && j < 128 && (i / c.Lk) % 2 == 0) v -= 20.f;  // a block nobody keeps
+      in.bias[i] = v;
+    }
+  }
+  if (c.kept) {
+    in.thr.resize(size_t(c.B) * c.hkv * c.Lq);
+    in.tie.resize(in.thr.size());
+    for (size_t o = 0; o < in.thr.size(); ++o) {
+      const int i = int(o % c.Lq);
+      const int b = int(o / (size_t(c.hkv) * c.Lq));
+      const int hk = int((o / c.Lq) % c.hkv);
+      const int h = hk * in.kvg;
+      const int j = rng.uniform(c.Lk);
+      in.thr[o] = c.bias == 1 ? in.bias[(size_t(b) * in.nbh + h / c.bias_head_group) * c.Lk + j] : 0.f;
+      in.tie[o] = rng.uniform(c.Lk);
+      if (i % 17 == 5) in.thr[o] = INFINITY;  // a row with no key
+    }
+  }
+  if (c.gather) {
+    auto make = [&](std::vector<int>& idx, int L) {
+      idx.resize(size_t(c.B) * in.hout * c.S * L);
+      for (size_t base = 0; base < idx.size(); base += L) {
+        std::vector<int> all(c.N);
+        for (int r = 0; r < c.N; ++r) all[r] = r;
+        std::shuffle(all.begin(), all.end(), rng.g);
+        std::sort(all.begin(), all.begin() + L);
+        std::copy(all.begin(), all.begin() + L, idx.begin() + base);
+      }
+    };
+    make(in.qidx, c.Lq);
+    if (c.same_index)
+      in.kidx = in.qidx;
+    else
+      make(in.kidx, c.Lk);
+  }
+  if (c.list) {
+    const int nq = (c.Lq + 63) / 64, nk = (c.Lk + 63) / 64;
+    in.fouter = nq;
+    in.fmax = nk;
+    in.bouter = nk;
+    in.bmax = nq;
+    in.flist.assign(size_t(c.B) * c.hkv * nq * nk, -1);
+    in.fcount.assign(size_t(c.B) * c.hkv * nq, 0);
+    in.blist.assign(size_t(c.B) * c.hkv * nk * nq, -1);
+    in.bcount.assign(size_t(c.B) * c.hkv * nk, 0);
+    for (int b = 0; b < c.B; ++b)
+      for (int hk = 0; hk < c.hkv; ++hk) {
+        std::vector<char> any(size_t(nq) * nk, 0);
+        for (int g = 0; g < in.kvg; ++g)
+          for (int i = 0; i < c.Lq; ++i)
+            for (int j = 0; j < c.Lk; ++j)
+              if (visible(in, b, hk * in.kvg + g, i, j)) any[(i / 64) * nk + j / 64] = 1;
+        for (int mb = 0; mb < nq; ++mb)
+          for (int nb = 0; nb < nk; ++nb)
+            if (any[mb * nk + nb]) {
+              const size_t fo = (size_t(b) * c.hkv + hk) * nq + mb;
+              in.flist[fo * nk + in.fcount[fo]++] = nb;
+            }
+        for (int nb = 0; nb < nk; ++nb)
+          for (int mb = 0; mb < nq; ++mb)
+            if (any[mb * nk + nb]) {
+              const size_t bo = (size_t(b) * c.hkv + hk) * nk + nb;
+              in.blist[bo * nq + in.bcount[bo]++] = mb;
+            }
+      }
+  }
+  return in;
+}
+
+// One run's buffers in a given element type.
+struct Run {
+  ElemType t;
+  Buf q, k, v, o, dout, dq, dk, dv;
+  std::vector<float> lse, delta, dqa, dbias;
+  FlashParams p{};
+};
+
+void to_buf(Buf& b, const std::vector<double>& x, ElemType t) {
+  b.alloc(x.size(), t == ElemType::kFloat64 ? 8 : 2);
+  for (size_t i = 0; i < x.size(); ++i) set(b, i, t, x[i]);
+}
+
+void setup(Run& r, const Inputs& in, ElemType t, bool fwd_list) {
+  const Case& c = in.c;
+  r.t = t;
+  const int es = t == ElemType::kFloat64 ? 8 : 2;
+  to_buf(r.q, in.q, t);
+  to_buf(r.k, in.k, t);
+  to_buf(r.v, in.v, t);
+  to_buf(r.dout, in.dout, t);
+  r.o.alloc(in.lo.size(), es);
+  std::fill(r.o.bytes.begin(), r.o.bytes.end(), 0xEE);  // unwritten elements show up
+  r.dq.alloc(in.ldq.size(), es);
+  r.dk.alloc(in.ldk.size(), es);
+  r.dv.alloc(in.ldk.size(), es);
+  std::fill(r.dq.bytes.begin(), r.dq.bytes.end(), 0xEE);
+  std::fill(r.dk.bytes.begin(), r.dk.bytes.end(), 0xEE);
+  std::fill(r.dv.bytes.begin(), r.dv.bytes.end(), 0xEE);
+  const int64_t rows = int64_t(c.S) * c.Lq;
+  r.lse.assign(size_t(c.B) * in.hout * rows, 12345.f);
+  r.delta.assign(r.lse.size(), 777.f);
+  FlashParams& p = r.p;
+  p = FlashParams{};
+  p.batch = c.B;
+  p.num_segments = c.S;
+  p.seqlen_q = c.Lq;
+  p.seqlen_k = c.Lk;
+  p.h_q = c.hq;
+  p.h_kv = c.hkv;
+  p.h_out = in.hout;
+  p.head_dim = c.D;
+  p.q_group = in.qg;
+  p.kv_group = in.kvg;
+  p.q = r.q.ptr();
+  p.k = r.k.ptr();
+  p.v = r.v.ptr();
+  p.q_batch_stride = in.lq.bs, p.q_row_stride = in.lq.rs, p.q_head_stride = in.lq.hs;
+  p.k_batch_stride = in.lk.bs, p.k_row_stride = in.lk.rs, p.k_head_stride = in.lk.hs;
+  p.v_batch_stride = in.lk.bs, p.v_row_stride = in.lk.rs, p.v_head_stride = in.lk.hs;
+  p.o = r.o.ptr();
+  p.o_batch_stride = in.lo.bs, p.o_row_stride = in.lo.rs, p.o_head_stride = in.lo.hs;
+  p.lse = r.lse.data();
+  p.lse_batch_stride = in.hout * rows;
+  p.lse_head_stride = rows;
+  p.scale = float(1.0 / std::sqrt(double(c.D)));
+  p.scale_log2 = p.scale * 1.4426950408889634f;
+  p.causal = c.causal;
+  p.window_left = c.window;
+  if (c.bias) {
+    p.bias = in.bias.data();
+    p.bias_row_stride = c.bias == 2 ? c.Lk : 0;
+    p.bias_head_stride = int64_t(in.bias_rows) * c.Lk;
+    p.bias_batch_stride = int64_t(in.nbh) * p.bias_head_stride;
+    p.bias_head_group = c.bias_head_group;
+  }
+  if (c.kept) {
+    p.row_thr = in.thr.data();
+    p.row_tie = in.tie.data();
+    p.thr_head_stride = c.Lq;
+    p.thr_batch_stride = int64_t(c.hkv) * c.Lq;
+  }
+  if (c.list) {
+    p.active_list = fwd_list ? in.flist.data() : in.blist.data();
+    p.active_count = fwd_list ? in.fcount.data() : in.bcount.data();
+    p.active_max = fwd_list ? in.fmax : in.bmax;
+    p.num_outer_blocks = fwd_list ? in.fouter : in.bouter;
+  }
+  if (c.gather) {
+    p.q_index = in.qidx.data();
+    p.k_index = in.kidx.data();
+    p.q_index_head_stride = int64_t(c.S) * c.Lq;
+    p.q_index_batch_stride = in.hout * p.q_index_head_stride;
+    p.k_index_head_stride = int64_t(c.S) * c.Lk;
+    p.k_index_batch_stride = in.hout * p.k_index_head_stride;
+  }
+  p.self_mask = c.self_mask;
+  p.self_score = -5e4f;
+  p.dout = r.dout.ptr();
+  p.do_batch_stride = in.lo.bs, p.do_row_stride = in.lo.rs, p.do_head_stride = in.lo.hs;
+  p.delta = r.delta.data();
+  p.dq = r.dq.ptr();
+  p.dq_batch_stride = in.ldq.bs, p.dq_row_stride = in.ldq.rs, p.dq_head_stride = in.ldq.hs;
+  p.dk = r.dk.ptr();
+  p.dk_batch_stride = in.ldk.bs, p.dk_row_stride = in.ldk.rs, p.dk_head_stride = in.ldk.hs;
+  p.dv = r.dv.ptr();
+  p.dv_batch_stride = in.ldk.bs, p.dv_row_stride = in.ldk.rs, p.dv_head_stride = in.ldk.hs;
+  if (c.dbias) {
+    const int64_t rows_b = c.bias == 2 ? c.Lq : 1;
+    const int heads = c.bias == 2 ? in.hout : in.nbh;
+    r.dbias.assign(size_t(c.B) * heads * rows_b * c.Lk, 0.f);
+    p.dbias = r.dbias.data();
+    p.dbias_row_stride = c.bias == 2 ? c.Lk : 0;
+    p.dbias_head_stride = rows_b * c.Lk;
+    p.dbias_batch_stride = heads * p.dbias_head_stride;
+  }
+  p.dtype = t;
+}
+
+void set_dq_accum(Run& r, const Inputs& in, bool split) {
+  FlashParams& p = r.p;
+  const int64_t slice = int64_t(in.c.B) * in.c.S * in.c.Lq * in.c.hq * in.c.D;
+  p.dq_splits = split ? std::max(1, ((in.c.Lk + 63) / 64) * in.qg) : 0;
+  p.dqa_split_stride = slice;
+  r.dqa.assign(size_t(slice) * std::max(1, p.dq_splits) + 1, 0.f);
+  p.dq_accum = r.dqa.data();
+  p.dqa_head_stride = in.c.D;
+  p.dqa_row_stride = int64_t(in.c.hq) * in.c.D;
+  p.dqa_batch_stride = int64_t(in.c.S) * in.c.Lq * p.dqa_row_stride;
+}
+
+// ---- comparison ----
+int g_failures = 0;
+
+struct Cmp {
+  std::string what;
+  double worst = 0;  // max over elements of |e - r| / (2 |l - r| + atol)
+  size_t n = 0, bad = 0, nan = 0;
+  std::string first_bad;
+  void add(double e, double r, double l, double atol, const std::string& where) {
+    ++n;
+    double ratio;
+    if (std::isnan(e)) {
+      ++nan;
+      ratio = INFINITY;
+    } else if (std::isinf(r) || std::isinf(e)) {
+      ratio = e == r ? 0 : INFINITY;
+    } else {
+      ratio = std::fabs(e - r) / (2 * std::fabs(l - r) + atol);
+    }
+    worst = std::max(worst, ratio);
+    if (ratio > 1) {
+      if (bad == 0) {
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "%s emu=%.6g ref=%.6g cpu=%.6g", where.c_str(), e, r, l);
+        first_bad = buf;
+      }
+      ++bad;
+    }
+  }
+  bool report(const std::string& cname) {
+    const bool ok = bad == 0 && nan == 0;
+    if (!ok) {
+      std::printf("  FAIL %s %s: %zu / %zu bad (%zu NaN), worst ratio %.3g; first %s\n", cname.c_str(), what.c_str(),
+                  bad, n, nan, worst, first_bad.c_str());
+    }
+    return ok;
+  }
+};
+
+double tensor_max(const Buf& b, const Layout& l, ElemType t) {
+  double m = 0;
+  for (int bb = 0; bb < l.B; ++bb)
+    for (int r = 0; r < l.R; ++r)
+      for (int h = 0; h < l.H; ++h)
+        for (int d = 0; d < l.D; ++d) m = std::max(m, std::fabs(get(b, l.at(bb, r, h, d), t)));
+  return m;
+}
+
+bool cmp_tensor(const char* what, const std::string& cname, const Buf& e, const Buf& r, const Buf& l,
+                const Layout& lay, ElemType t, double rel) {
+  Cmp c{what};
+  const double atol = rel * std::max(1.0, tensor_max(r, lay, ElemType::kFloat64));
+  for (int b = 0; b < lay.B; ++b)
+    for (int row = 0; row < lay.R; ++row)
+      for (int h = 0; h < lay.H; ++h)
+        for (int d = 0; d < lay.D; ++d) {
+          const size_t i = lay.at(b, row, h, d);
+          c.add(get(e, i, t), get(r, i, ElemType::kFloat64), get(l, i, t), atol,
+                "b" + std::to_string(b) + " row" + std::to_string(row) + " h" + std::to_string(h) + " d" +
+                    std::to_string(d));
+        }
+  return c.report(cname);
+}
+
+bool cmp_floats(const char* what, const std::string& cname, const std::vector<float>& e, const std::vector<float>& r,
+                const std::vector<float>& l, double rel) {
+  Cmp c{what};
+  double m = 1;
+  for (float x : r)
+    if (std::isfinite(x)) m = std::max(m, double(std::fabs(x)));
+  for (size_t i = 0; i < e.size(); ++i) c.add(e[i], r[i], l[i], rel * m, "index " + std::to_string(i));
+  return c.report(cname);
+}
+
+double secs_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+bool run_case(const Case& c, ElemType t) {
+  const std::string cname = c.name + (t == ElemType::kFloat16 ? " fp16" : " bf16");
+  const auto t0 = std::chrono::steady_clock::now();
+  const Inputs in = make_inputs(c, t, 1234 + std::hash<std::string>{}(c.name) % 1000);
+  const double rel = t == ElemType::kFloat16 ? 2e-3 : 1.6e-2;
+  bool ok = true;
+
+  // forward: oracle (float64 CPU core), CPU core in dtype, emulated kernels
+  Run ref, cpu, emu;
+  setup(ref, in, ElemType::kFloat64, true);
+  setup(cpu, in, t, true);
+  setup(emu, in, t, true);
+  flash_fwd_cpu(ref.p);
+  flash_fwd_cpu(cpu.p);
+  flash_fwd(emu.p, nullptr);
+  ok &= cmp_tensor("o", cname, emu.o, ref.o, cpu.o, in.lo, t, rel);
+  ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
+
+  // backward from each one's own forward; atomic dq, then the deterministic split dq
+  for (Run* r : {&ref, &cpu, &emu}) {
+    if (c.list) {
+      r->p.active_list = in.blist.data();
+      r->p.active_count = in.bcount.data();
+      r->p.active_max = in.bmax;
+      r->p.num_outer_blocks = in.bouter;
+    }
+    set_dq_accum(*r, in, false);
+  }
+  flash_bwd_cpu(ref.p);
+  flash_bwd_cpu(cpu.p);
+  for (int split = 0; split < 2; ++split) {
+    set_dq_accum(emu, in, split == 1);
+    if (c.dbias) std::fill(emu.dbias.begin(), emu.dbias.end(), 0.f);
+    std::fill(emu.dq.bytes.begin(), emu.dq.bytes.end(), 0xEE);
+    std::fill(emu.dk.bytes.begin(), emu.dk.bytes.end(), 0xEE);
+    std::fill(emu.dv.bytes.begin(), emu.dv.bytes.end(), 0xEE);
+    flash_bwd(emu.p, nullptr);
+    const std::string n = cname + (split ? " [split dq]" : " [atomic dq]");
+    ok &= cmp_tensor("dq", n, emu.dq, ref.dq, cpu.dq, in.ldq, t, rel);
+    ok &= cmp_tensor("dk", n, emu.dk, ref.dk, cpu.dk, in.ldk, t, rel);
+    ok &= cmp_tensor("dv", n, emu.dv, ref.dv, cpu.dv, in.ldk, t, rel);
+    if (c.dbias) ok &= cmp_floats("dbias", n, emu.dbias, ref.dbias, cpu.dbias, rel);
+  }
+  std::printf("%s %s (%.1fs)\n", ok ? "ok  " : "FAIL", cname.c_str(), secs_since(t0));
+  std::fflush(stdout);
+  if (!ok) ++g_failures;
+  return ok;
+}
+
+std::vector<Case> cases() {
+  std::vector<Case> v;
+  auto add = [&](Case c) { v.push_back(c); };
+  {
+    Case c{"d32 basic B2", 2, 1, 70, 70, 2, 2, 32};
+    add(c);
+  }
+  {
+    Case c{"d64 gqa causal Lq>Lk", 1, 1, 100, 40, 4, 2, 64};
+    c.causal = true;
+    add(c);
+  }
+  {
+    Case c{"d96 reverse-gqa causal Lq<Lk", 1, 1, 40, 100, 1, 2, 96};
+    c.causal = true;
+    add(c);
+  }
+  {
+    Case c{"d128 L1", 1, 1, 1, 1, 1, 1, 128};
+    add(c);
+  }
+  {
+    Case c{"d128 Lq1 causal", 1, 1, 1, 77, 2, 1, 128};
+    c.causal = true;
+    add(c);
+  }
+  {
+    Case c{"d64 causal window", 1, 1, 130, 130, 1, 1, 64};
+    c.causal = true;
+    c.window = 20;
+    add(c);
+  }
+  {
+    Case c{"d32 window noncausal Lq<Lk", 1, 1, 50, 140, 1, 1, 32};
+    c.window = 30;
+    add(c);
+  }
+  {
+    Case c{"d64 gqa bias dbias", 1, 1, 70, 90, 4, 2, 64};
+    c.bias = 1;
+    c.dbias = true;
+    add(c);
+  }
+  {
+    Case c{"d32 gqa bias-head-group2 dbias causal", 1, 1, 70, 90, 4, 1, 32};
+    c.bias = 1;
+    c.bias_head_group = 2;
+    c.dbias = true;
+    c.causal = true;
+    add(c);
+  }
+  {
+    Case c{"d32 per-row bias dbias", 1, 1, 70, 90, 2, 2, 32};
+    c.bias = 2;
+    c.dbias = true;
+    add(c);
+  }
+  {
+    Case c{"d64 kept+bias+lists gqa", 1, 1, 130, 150, 2, 1, 64};
+    c.bias = 1;
+    c.bias_head_group = 2;
+    c.kept = true;
+    c.list = true;
+    c.dbias = true;
+    add(c);
+  }
+  {
+    Case c{"d32 causal lists", 1, 1, 150, 150, 1, 1, 32};
+    c.causal = true;
+    c.window = 40;
+    c.list = true;
+    add(c);
+  }
+  {
+    Case c{"d64 gather self_mask causal S2", 1, 2, 40, 40, 2, 2, 64};
+    c.gather = true;
+    c.self_mask = true;
+    c.causal = true;
+    c.N = 100;
+    add(c);
+  }
+  {
+    Case c{"d32 gather q!=k causal S3", 2, 3, 20, 30, 1, 1, 32};
+    c.gather = true;
+    c.same_index = false;
+    c.causal = true;
+    c.N = 70;
+    add(c);
+  }
+  {
+    Case c{"d256 gqa causal", 1, 1, 70, 70, 2, 1, 256};
+    c.causal = true;
+    add(c);
+  }
+  return v;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  emu::g_smem_buffer = reinterpret_cast<char*>(smem_raw);
+  emu::g_smem_buffer_size = kEmuSmemBytes;
+  if (const char* e = std::getenv("EMU_CP_ASYNC_EARLY")) emu::g_cp_async_early = e[0] == '1';
+  const std::string filter = argc > 1 ? argv[1] : "";
+  int n = 0;
+  for (const Case& c : cases()) {
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    for (ElemType t : {ElemType::kFloat16, ElemType::kBFloat16}) {
+      run_case(c, t);
+      ++n;
+    }
+  }
+  std::printf("%d runs, %d failed (cp.async %s)\n", n, g_failures, emu::g_cp_async_early ? "early" : "late");
+  return g_failures ? 1 : 0;
+}
