@@ -204,18 +204,22 @@ struct BlockIter {
   __device__ __forceinline__ int at(int t) const { return list ? list[t] : begin + t; }
 };
 
+// The tile-skipping list entry of outer block `outer` for (b, kv head).
+__device__ __forceinline__ BlockIter listed_blocks(const FlashParams& p, const BlockCoord& c, int outer) {
+  const int64_t o = (int64_t(c.b) * p.h_kv + c.hk) * p.num_outer_blocks + outer;
+  BlockIter it;
+  it.list = p.active_list + o * p.active_max;
+  it.begin = 0;
+  it.end = p.active_count[o];
+  return it;
+}
+
 // Forward: key blocks for query block m_block.
 template <int BM, int BN>
 __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const MaskCtx& m, const BlockCoord& c,
                                                int m_block) {
+  if (p.active_list) return listed_blocks(p, c, m_block);
   BlockIter it;
-  if (p.active_list) {
-    const int64_t o = (int64_t(c.b) * p.h_kv + c.hk) * p.num_outer_blocks + m_block;
-    it.list = p.active_list + o * p.active_max;
-    it.begin = 0;
-    it.end = p.active_count[o];
-    return it;
-  }
   it.list = nullptr;
   it.begin = 0;
   it.end = ceil_div(p.seqlen_k, BN);
@@ -237,14 +241,8 @@ __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const Mask
 template <int BM, int BN>
 __device__ __forceinline__ BlockIter bwd_blocks(const FlashParams& p, const MaskCtx& m, const BlockCoord& c,
                                                int n_block) {
+  if (p.active_list) return listed_blocks(p, c, n_block);
   BlockIter it;
-  if (p.active_list) {
-    const int64_t o = (int64_t(c.b) * p.h_kv + c.hk) * p.num_outer_blocks + n_block;
-    it.list = p.active_list + o * p.active_max;
-    it.begin = 0;
-    it.end = p.active_count[o];
-    return it;
-  }
   it.list = nullptr;
   it.begin = 0;
   it.end = ceil_div(p.seqlen_q, BM);
