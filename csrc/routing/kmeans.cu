@@ -92,7 +92,7 @@ void launch_kmeans_sums(const KmeansSumParams& p, cudaStream_t stream) {
   int64_t blocks = (rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
   if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
-    kmeans_sums_kernel<T><<<static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, 0, stream>>>(p);
+    ATTNKIT_LAUNCH_KERNEL(kmeans_sums_kernel<T>, static_cast<unsigned>(blocks), 32 * kWarpsPerBlock, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -102,7 +102,7 @@ void launch_kmeans_finalize(const unsigned long long* sums, const int* counts, f
   TORCH_CHECK(D <= kMaxD, "centroids: head dim must be <= ", kMaxD, " on CUDA (got ", D, ")");
   if (static_cast<int64_t>(H) * C == 0 || D == 0) return;
   const int threads = ((D + 31) / 32) * 32;
-  kmeans_finalize_kernel<<<static_cast<unsigned>(H * C), threads, 0, stream>>>(sums, counts, mu, C, D, decay);
+  ATTNKIT_LAUNCH_KERNEL(kmeans_finalize_kernel, static_cast<unsigned>(H * C), threads, 0, stream, sums, counts, mu, C, D, decay);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

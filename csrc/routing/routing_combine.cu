@@ -178,7 +178,7 @@ __global__ void check_index_kernel(const int* __restrict__ idx, int64_t n, int L
 
 void launch_check_index(const int* idx, int64_t n, int L, cudaStream_t stream) {
   if (n == 0) return;
-  check_index_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(idx, n, L);
+  ATTNKIT_LAUNCH_KERNEL(check_index_kernel, grid_1d(n, kThreads), kThreads, 0, stream, idx, n, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -186,7 +186,7 @@ void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, in
                      cudaStream_t stream) {
   const int64_t n = B * Hb * SW;
   if (n == 0) return;
-  key_bias_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(mask, idx, n, Hb, SW, L, bias);
+  ATTNKIT_LAUNCH_KERNEL(key_bias_kernel, grid_1d(n, kThreads), kThreads, 0, stream, mask, idx, n, Hb, SW, L, bias);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -194,14 +194,14 @@ void launch_build_inverse(const int* idx, int64_t BH, int64_t SW, int L, int* of
                           bool counts_only, cudaStream_t stream) {
   const int64_t n = BH * SW;
   if (n == 0) return;
-  inverse_count_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(idx, n, SW, L, offsets);
+  ATTNKIT_LAUNCH_KERNEL(inverse_count_kernel, grid_1d(n, kThreads), kThreads, 0, stream, idx, n, SW, L, offsets);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (counts_only) return;
-  inverse_scan_kernel<<<static_cast<unsigned>(BH), kScanThreads, 0, stream>>>(offsets, L);
+  ATTNKIT_LAUNCH_KERNEL(inverse_scan_kernel, static_cast<unsigned>(BH), kScanThreads, 0, stream, offsets, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  inverse_fill_kernel<<<grid_1d(n, kThreads), kThreads, 0, stream>>>(idx, n, SW, L, offsets, cursor, entries);
+  ATTNKIT_LAUNCH_KERNEL(inverse_fill_kernel, grid_1d(n, kThreads), kThreads, 0, stream, idx, n, SW, L, offsets, cursor, entries);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  inverse_sort_kernel<<<grid_1d(BH * L, kThreads), kThreads, 0, stream>>>(offsets, BH, L, SW, entries);
+  ATTNKIT_LAUNCH_KERNEL(inverse_sort_kernel, grid_1d(BH * L, kThreads), kThreads, 0, stream, offsets, BH, L, SW, entries);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -209,7 +209,7 @@ void launch_combine(const CombineParams& p, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(p.B) * p.L * p.H * p.D;
   if (n == 0) return;
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
-    combine_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(p);
+    ATTNKIT_LAUNCH_KERNEL(combine_kernel<T>, grid_1d(n, kThreads), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -218,7 +218,7 @@ void launch_gather_dout(const GatherParams& p, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(p.B) * p.SW * p.H * p.D;
   if (n == 0) return;
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
-    gather_dout_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(p);
+    ATTNKIT_LAUNCH_KERNEL(gather_dout_kernel<T>, grid_1d(n, kThreads), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -227,7 +227,7 @@ void launch_scatter_add_atomic(const ScatterParams& p, cudaStream_t stream) {
   const int64_t n = static_cast<int64_t>(p.B) * p.SW * p.H * p.D;
   if (n == 0) return;
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
-    scatter_add_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(p);
+    ATTNKIT_LAUNCH_KERNEL(scatter_add_kernel<T>, grid_1d(n, kThreads), kThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -235,7 +235,7 @@ void launch_scatter_add_atomic(const ScatterParams& p, cudaStream_t stream) {
 void launch_cast_from_f32(const float* acc, void* out, int64_t n, ElemType dtype, cudaStream_t stream) {
   if (n == 0) return;
   ATTNKIT_ROUTING_TYPE_SWITCH(dtype, T, [&] {
-    cast_kernel<T><<<grid_1d(n, kThreads), kThreads, 0, stream>>>(acc, static_cast<T*>(out), n);
+    ATTNKIT_LAUNCH_KERNEL(cast_kernel<T>, grid_1d(n, kThreads), kThreads, 0, stream, acc, static_cast<T*>(out), n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "routing/routing_params.h"
 
 namespace attnkit::routing {

@@ -239,7 +239,7 @@ void launch_routing_scores(const ScoreParams& p, cudaStream_t stream) {
               static_cast<int64_t>(p.B) * p.H, ")");
   dim3 grid(ceil_div_i(p.L, kTileL), ceil_div_i(p.C, kTileC), p.B * p.H);
   ATTNKIT_ROUTING_TYPE_SWITCH(p.dtype, T, [&] {
-    routing_scores_kernel<T><<<grid, kScoreThreads, 0, stream>>>(p);
+    ATTNKIT_LAUNCH_KERNEL(routing_scores_kernel<T>, grid, kScoreThreads, 0, stream, p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -247,7 +247,7 @@ void launch_routing_scores(const ScoreParams& p, cudaStream_t stream) {
 void launch_extract_assign(const unsigned long long* best, int64_t B, int H, int L, int* assign, cudaStream_t stream) {
   const int64_t n = B * H * static_cast<int64_t>(L);
   if (n == 0) return;
-  extract_assign_kernel<<<grid_1d(n, 256), 256, 0, stream>>>(best, B, H, L, assign);
+  ATTNKIT_LAUNCH_KERNEL(extract_assign_kernel, grid_1d(n, 256), 256, 0, stream, best, B, H, L, assign);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -255,7 +255,7 @@ void launch_topw_select(const float* scores, int64_t rows, int64_t rows0, int L,
                         cudaStream_t stream) {
   if (rows == 0 || w == 0) return;
   TORCH_CHECK(rows <= 0x7FFFFFFF, "routing_assign: batch * heads * clusters must be < 2^31 on CUDA (got ", rows, ")");
-  topw_select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream>>>(scores, rows0, L, w, out0, out1);
+  ATTNKIT_LAUNCH_KERNEL(topw_select_kernel, static_cast<unsigned>(rows), kSelectThreads, 0, stream, scores, rows0, L, w, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,4 +1,5 @@
 // Sparse Query Attention, CUDA: checks the inputs and runs the flash core's kernels.
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 // ---- CUDA language / runtime surface ----
@@ -58,7 +59,10 @@ template <class F>
 inline cudaError_t cudaFuncSetAttribute(F, cudaFuncAttribute, int bytes) {
   return bytes <= emu::g_max_optin ? cudaSuccess : cudaErrorInvalidValue;
 }
-inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+namespace emu {
+inline cudaError_t g_last_error = cudaSuccess;  // sticky launch error, read by cudaGetLastError
+}  // namespace emu
+inline cudaError_t cudaGetLastError() { return std::exchange(emu::g_last_error, cudaSuccess); }
 inline cudaError_t cudaGetDevice(int* d) {
   *d = 0;
   return cudaSuccess;
@@ -153,10 +157,19 @@ inline thread_local int t_linear = 0;
 inline thread_local Block* t_blk = nullptr;
 inline Idx g_block_dim{1, 1, 1}, g_grid_dim{1, 1, 1};
 
+// Divergent warp collectives (__match_any_sync inside a branch) key their exchange on (block serial,
+// number of barriers this thread has passed): equal for the lanes of a warp between two barriers.
+inline std::atomic<uint64_t> g_block_serial{0};
+inline thread_local uint64_t t_block_serial = 0;
+inline thread_local uint64_t t_sync_epoch = 0;
+
 inline char* dynamic_smem() { return t_blk->smem_aligned; }
 inline int lane() { return t_linear & 31; }
 inline int warp() { return t_linear >> 5; }
-inline void warp_sync() { t_blk->warp_bar[warp()]->arrive_and_wait(); }
+inline void warp_sync() {
+  ++t_sync_epoch;
+  t_blk->warp_bar[warp()]->arrive_and_wait();
+}
 inline uint64_t* xch(int w, int l) { return &t_blk->xch[w][l * 8]; }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane l gives the address of row (l % 8) of
@@ -279,18 +292,19 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   g_block_dim = {block.x, block.y, block.z};
   g_grid_dim = {grid.x, grid.y, grid.z};
   g_last_smem = smem;
-  if (nthreads % 32 != 0) return cudaErrorInvalidValue;
+  if (nthreads % 32 != 0 || nthreads > 1024) return g_last_error = cudaErrorInvalidValue;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         Block blk;
+        const uint64_t serial = ++g_block_serial;
         blk.bar = std::make_unique<std::barrier<>>(nthreads);
         for (int w = 0; w < nwarps; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
         blk.xch.resize(nwarps);
         blk.smem.assign(smem + 64, char(0xCD));
         blk.smem_aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blk.smem.data()) + 63) / 64 * 64);
         if (g_smem_buffer) {
-          if (smem > g_smem_buffer_size) return cudaErrorInvalidValue;
+          if (smem > g_smem_buffer_size) return g_last_error = cudaErrorInvalidValue;
           std::memset(g_smem_buffer, 0xCD, g_smem_buffer_size);
           blk.smem_aligned = g_smem_buffer;
         }
@@ -302,6 +316,8 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
             t_thread = {unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y)};
             t_block = {bx, by, bz};
             t_blk = &blk;
+            t_block_serial = serial;
+            t_sync_epoch = 0;
             kernel(args...);
           });
         }
@@ -316,7 +332,10 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #define blockIdx (::emu::t_block)
 #define blockDim (::emu::g_block_dim)
 #define gridDim (::emu::g_grid_dim)
-inline void __syncthreads() { emu::t_blk->bar->arrive_and_wait(); }
+inline void __syncthreads() {
+  ++emu::t_sync_epoch;
+  emu::t_blk->bar->arrive_and_wait();
+}
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline float __expf(float x) { return std::exp(x); }
 inline float exp2f(float x) { return std::exp2(x); }

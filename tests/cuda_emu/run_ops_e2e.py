@@ -1,0 +1,231 @@
+"""End-to-end check of the SQA and routing ops' CUDA path under the CPU emulator (no GPU needed).
+
+Builds the CUDA op layer (csrc/sqa/sqa_cuda.cpp, csrc/routing/routing_cuda.cpp, csrc/flash/flash_api.cpp)
+with the flash core's and routing's kernels compiled as host C++ against emu_cuda.h, registered as
+torch ops `attnkit_emu::*` on CPU tensors, and compares them with attnkit.reference using the
+FlashAttention rule of the test suite (conftest.assert_close_fa).
+
+    PYTHONPATH=python .venv/bin/python tests/cuda_emu/run_ops_e2e.py [sqa|routing]
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+import time
+
+import torch
+from torch.utils.cpp_extension import load
+
+here = pathlib.Path(__file__).resolve().parent
+root = here.parent.parent
+sys.path.insert(0, str(root / "tests"))
+torch.set_num_threads(1)
+
+from conftest import assert_close_fa  # noqa: E402
+
+import attnkit  # noqa: E402,F401
+from attnkit import reference  # noqa: E402
+
+t0 = time.time()
+load(
+    name="attnkit_ops_emu",
+    sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
+                                     "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp")]
+    + [str(root / "csrc/flash/flash_api.cpp")],
+    # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
+    extra_include_paths=[str(here / "ops_include"), str(here / "flash_include"), str(here), str(root / "csrc")],
+    extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
+    extra_ldflags=["-pthread"],
+    build_directory=os.environ.get("EMU_BUILD_DIR") or None,
+    verbose=bool(os.environ.get("EMU_VERBOSE")),
+    is_python_module=False,
+)
+print(f"built ({time.time() - t0:.0f}s)", flush=True)
+emu = torch.ops.attnkit_emu
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+only = sys.argv[1] if len(sys.argv) > 1 else ""
+failed = 0
+
+
+def close(name, a, r, e, dtype):
+    atol = ATOL[dtype] * max(1.0, r.abs().max().item() if r.numel() else 0.0)
+    assert_close_fa(a, r, e, atol, name)
+
+
+def run(label, fn, *args):
+    global failed
+    t = time.time()
+    try:
+        fn(*args)
+        status = "ok"
+    except Exception as err:  # report and go on
+        failed += 1
+        status = f"FAIL {type(err).__name__}: {err}"
+    print(f"{label}: {status} ({time.time() - t:.1f}s)", flush=True)
+
+
+# ---- SQA: the tolerances of tests/test_sqa.py ----
+ATOL_FWD = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+ATOL_BWD = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def sqa_eager(q, k, v, causal, scale):
+    """The same math in plain PyTorch at the inputs' dtype (as in tests/test_sqa.py)."""
+    Hq, Hkv = q.shape[2], k.shape[2]
+    H = max(Hq, Hkv)
+    q = q.repeat_interleave(H // Hq, dim=2).transpose(1, 2)
+    k = k.repeat_interleave(H // Hkv, dim=2).transpose(1, 2)
+    v = v.repeat_interleave(H // Hkv, dim=2).transpose(1, 2)
+    s = (q @ k.transpose(-1, -2)) * scale
+    Lq, Lk = s.shape[-2], s.shape[-1]
+    if causal:
+        vis = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+        s = s.masked_fill(~vis, float("-inf"))
+    seen = torch.isfinite(s).any(-1, keepdim=True)
+    p = torch.softmax(torch.where(seen, s, 0.0), dim=-1)
+    p = torch.where(seen, p, 0.0).to(v.dtype)
+    return (p @ v).transpose(1, 2)
+
+
+def check_sqa(dtype, B, Lq, Lk, Hq, Hkv, D, causal):
+    g = torch.Generator().manual_seed(Lq * 131 + Lk + Hq)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
+    scale = D**-0.5
+    out, lse = emu.sqa_fwd(q, k, v, causal, scale)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference.sqa_reference(*leaves64, causal=causal, scale=scale, return_lse=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = sqa_eager(*leaves, causal, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close_fa(out, ref, eager, ATOL_FWD[dtype], "out")
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    dq, dk, dv = emu.sqa_bwd(dout, q, k, v, out, lse, causal, scale)
+    ref_g = torch.autograd.grad(ref, leaves64, dout.double())
+    eager_g = torch.autograd.grad(eager, leaves, dout)
+    for name, a, r, e in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g, eager_g):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close_fa(a, r, e, ATOL_BWD[dtype], name)
+
+
+if only in ("", "sqa"):
+    for dt in (torch.float16, torch.bfloat16):
+        for shape in [
+            (2, 70, 70, 4, 2, 64, False),
+            (1, 70, 130, 4, 2, 64, True),  # causal, Lq < Lk (bottom-right)
+            (1, 130, 70, 2, 4, 64, True),  # reverse GQA, Lq > Lk: rows without keys
+            (2, 1, 1, 4, 2, 64, True),
+            (1, 1, 130, 2, 4, 64, True),
+            (1, 130, 1, 4, 2, 64, True),
+            (1, 70, 70, 2, 2, 32, True),
+        ]:
+            run(f"sqa {str(dt):15s} {shape}", check_sqa, dt, *shape)
+
+
+# ---- routing: the tolerances of tests/test_routing.py ----
+R_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _centroids(H, C, D, seed=1):
+    return torch.nn.functional.normalize(torch.randn(H, C, D, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def check_assign(dtype, B, L, H, D, C, w, shared, pad):
+    g = torch.Generator().manual_seed(L + C)
+    q = torch.randn(B, L, H, D, generator=g).to(dtype)
+    k = None if shared else torch.randn(B, L, H, D, generator=g).to(dtype)
+    mu = _centroids(H, C, D)
+    kpm = None
+    if pad:
+        kpm = torch.zeros(B, L, dtype=torch.bool)
+        kpm[:, L - 3:] = True
+    qi, ki, assign = emu.routing_assign(q, k, mu, w, shared, True, kpm)
+    # the reference scores in float64 on the rounded inputs; the kernel in fp32: allow rank swaps of
+    # (near-)ties by comparing the selected scores' sums rather than identities where they differ
+    rqi, rki = reference.routing_assign_ref(q.double(), None if shared else k.double(), mu.double(), w, shared, kpm)
+    for name, a, r, x in (("q_idx", qi, rqi, q), ("k_idx", ki, rki, q if shared else k)):
+        assert a.dtype == torch.int32 and a.shape == r.shape, name
+        assert torch.equal(a, a.sort(-1).values), f"{name} not sorted by position"
+        if not torch.equal(a.long(), r):
+            s = reference.routing_scores_ref(x.double(), mu.double())
+            if kpm is not None:
+                s = s.masked_fill(kpm[:, None, None, :], float("-inf"))
+            sa, sr = s.gather(-1, a.long()).sort(-1).values, s.gather(-1, r).sort(-1).values
+            bad = (a.long() != r).any(-1).sum().item()
+            assert torch.allclose(sa, sr, atol=1e-5), f"{name}: {bad} lists differ beyond ties"
+    ra = reference.kmeans_assign_ref(q.reshape(-1, H, D), mu).reshape(B, L, H)
+    agree = (assign[:B].long() == ra).float().mean().item()
+    assert agree > 0.99, f"assign: only {agree:.3f} agree"
+    assert assign.shape == ((1 if shared else 2) * B, L, H)
+
+
+def check_attention(dtype, B, L, H, D, C, w, shared, causal, deterministic, indexed=True):
+    g = torch.Generator().manual_seed(L * 7 + C)
+    q = (torch.randn(B, L, H, D, generator=g)).to(dtype)
+    k = (torch.nn.functional.normalize(q.float(), dim=-1).to(dtype) if shared
+         else torch.randn(B, L, H, D, generator=g).to(dtype))
+    v = torch.randn(B, L, H, D, generator=g).to(dtype)
+    mu = _centroids(H, C, D, seed=L)
+    scale = D**-0.5
+    if indexed:
+        qi, ki, _ = emu.routing_assign(q, None if shared else k, mu, w, shared, False, None)
+        qi64, ki64 = qi.long(), ki.long()
+    else:  # local heads: one segment with the whole sequence
+        qi = ki = None
+        qi64 = ki64 = torch.arange(L).expand(B, H, 1, L)
+    out, out_seg, lse = emu.routing_fwd(q, k, v, qi, ki, None, causal, -1, shared, scale, deterministic)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = reference.routing_attention_ref(*leaves64, qi64, ki64, causal=causal, shared_qk=shared, scale=scale)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager = reference.routing_attention_ref(*leaves, qi64, ki64, causal=causal, shared_qk=shared, scale=scale,
+                                            dtype=dtype)
+    assert out.dtype == dtype
+    assert_close_fa(out, ref, eager, R_ATOL[dtype], "out")
+    dout = torch.randn(q.shape, generator=g).to(dtype)
+    seg = out_seg if indexed else out
+    dq, dk, dv = emu.routing_bwd(dout, q, k, v, qi, ki, None, seg, lse, causal, -1, shared, scale, deterministic)
+    ref_g = torch.autograd.grad(ref, leaves64, dout.double())
+    eager_g = torch.autograd.grad(eager, leaves, dout)
+    for name, a, r, e in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_g, eager_g):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close_fa(a, r, e, R_ATOL[dtype] * 4, name)
+    if deterministic:  # bitwise repeatable
+        again = emu.routing_bwd(dout, q, k, v, qi, ki, None, seg, lse, causal, -1, shared, scale, True)
+        assert all(torch.equal(x, y) for x, y in zip((dq, dk, dv), again)), "deterministic bwd not repeatable"
+
+
+def check_kmeans(dtype, N, H, D, C, decay, given):
+    g = torch.Generator().manual_seed(N + C)
+    x = torch.randn(N, H, D, generator=g).to(dtype)
+    mu = _centroids(H, C, D, seed=C)
+    before = mu.clone()
+    a = emu.kmeans_assign(x, mu)
+    ra = reference.kmeans_assign_ref(x, before)
+    agree = (a.long() == ra).float().mean().item()
+    assert a.dtype == torch.int32 and agree > 0.99, f"kmeans_assign: only {agree:.3f} agree"
+    emu.kmeans_ema_update_(mu, x, a if given else None, decay)
+    expect = reference.kmeans_ema_update_ref(before, x, decay, assign=a)
+    torch.testing.assert_close(mu.double(), expect, atol=1e-6, rtol=0)
+
+
+if only in ("", "routing"):
+    for dt in (torch.float16, torch.bfloat16):
+        run(f"routing_assign {dt} shared", check_assign, dt, 2, 70, 2, 64, 3, 24, True, False)
+        run(f"routing_assign {dt} separate+pad", check_assign, dt, 1, 130, 2, 64, 5, 40, False, True)
+        for shared in (True, False):
+            for det in (True, False):
+                run(f"routing_attention {dt} shared={shared} det={det}", check_attention, dt, 1, 70, 2, 64, 3, 24,
+                    shared, True, det)
+        run(f"routing_attention {dt} non-causal L=130", check_attention, dt, 1, 130, 1, 64, 4, 40, False, False, True)
+        run(f"routing_attention {dt} L=1", check_attention, dt, 1, 1, 2, 64, 2, 1, True, True, False)
+        run(f"routing local heads {dt}", check_attention, dt, 1, 70, 2, 64, 1, 70, False, True, True, False)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        run(f"kmeans {dt} given assign", check_kmeans, dt, 300, 3, 64, 5, 0.7, True)
+        run(f"kmeans {dt} computed assign", check_kmeans, dt, 100, 2, 32, 7, 0.0, False)
+
+print("PASSED" if not failed else f"FAILED: {failed}")
+sys.exit(1 if failed else 0)
