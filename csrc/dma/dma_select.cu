@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/launch.cuh"
 #include "dma/dma_select.h"
 #include "dma/dma_select_cuda.h"
 #include "flash/flash.h"
@@ -422,11 +423,13 @@ void compact(const uint8_t* flags, int nseg, int nqb, int nkb, int* fwd_list, in
   const int64_t rows = int64_t(nseg) * nqb;
   if (fwd_list && rows > 0) {
     const int64_t threads = rows * 32;
-    k_compact_rows<<<grid_for(threads), kThreads, 0, stream>>>(flags, rows, nkb, fwd_list, fwd_width, fwd_count);
+    ATTNKIT_LAUNCH_KERNEL(k_compact_rows, grid_for(threads), kThreads, 0, stream,
+        flags, rows, nkb, fwd_list, fwd_width, fwd_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (bwd_list && int64_t(nseg) * nkb > 0) {
-    k_compact_cols<<<grid_for(int64_t(nseg) * nkb), kThreads, 0, stream>>>(flags, nseg, nqb, nkb, bwd_list, bwd_count);
+    ATTNKIT_LAUNCH_KERNEL(k_compact_cols, grid_for(int64_t(nseg) * nkb), kThreads, 0, stream,
+        flags, nseg, nqb, nkb, bwd_list, bwd_count);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -455,20 +458,21 @@ void select_cuda(const SelectParams& p, cudaStream_t stream) {
     int* srt = at_off<int>(ws, L.sorted);
     int* rk = at_off<int>(ws, L.rank);
     int* mr = at_off<int>(ws, L.minrank);
-    k_make_keys<<<grid_for(n), kThreads, 0, stream>>>(p.bias, n, p.lk, keys_in, vals_in);
+    ATTNKIT_LAUNCH_KERNEL(k_make_keys, grid_for(n), kThreads, 0, stream, p.bias, n, p.lk, keys_in, vals_in);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     size_t tb = L.temp_bytes;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(at_off<void>(ws, L.temp), tb, keys_in, keys_out, vals_in, srt,
                                                    int(n), 0, sort_end_bit(p.nseg), stream));
-    k_ranks<<<grid_for(n), kThreads, 0, stream>>>(srt, n, p.lk, rk);
+    ATTNKIT_LAUNCH_KERNEL(k_ranks, grid_for(n), kThreads, 0, stream, srt, n, p.lk, rk);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    k_minrank<<<grid_for(int64_t(p.nseg) * p.nkb), kThreads, 0, stream>>>(rk, p.nseg, p.lk, p.nkb, mr);
+    ATTNKIT_LAUNCH_KERNEL(k_minrank, grid_for(int64_t(p.nseg) * p.nkb), kThreads, 0, stream,
+        rk, p.nseg, p.lk, p.nkb, mr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (p.causal) {
       uint32_t* bits = at_off<uint32_t>(ws, L.bits);
       uint32_t* zc = at_off<uint32_t>(ws, L.zc);
-      k_wavelet_build<<<p.nseg, kBuildThreads, 0, stream>>>(rk, at_off<int>(ws, L.seq_a), at_off<int>(ws, L.seq_b),
-                                                            bits, zc, p.lk, p.levels, p.nwords);
+      ATTNKIT_LAUNCH_KERNEL(k_wavelet_build, p.nseg, kBuildThreads, 0, stream,
+          rk, at_off<int>(ws, L.seq_a), at_off<int>(ws, L.seq_b), bits, zc, p.lk, p.levels, p.nwords);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       wm_bits = bits;
       wm_zc = zc;
@@ -479,12 +483,12 @@ void select_cuda(const SelectParams& p, cudaStream_t stream) {
   }
   const int64_t rows = int64_t(p.nseg) * p.lq;
   if (rows > 0) {
-    k_query<<<grid_for(rows), kThreads, 0, stream>>>(p, sorted, wm_bits, wm_zc, prank);
+    ATTNKIT_LAUNCH_KERNEL(k_query, grid_for(rows), kThreads, 0, stream, p, sorted, wm_bits, wm_zc, prank);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const int64_t pairs = int64_t(p.nseg) * p.nqb * p.nkb;
   if (pairs > 0) {
-    k_dma_flags<<<grid_for(pairs), kThreads, 0, stream>>>(p, rank, minrank, prank, flags);
+    ATTNKIT_LAUNCH_KERNEL(k_dma_flags, grid_for(pairs), kThreads, 0, stream, p, rank, minrank, prank, flags);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   compact(flags, p.nseg, p.nqb, p.nkb, p.fwd_list, p.fwd_width, p.fwd_count, p.bwd_list, p.bwd_count, stream);
@@ -499,7 +503,7 @@ void bias_lists_cuda(const BiasListParams& p, cudaStream_t stream) {
   uint8_t* flags = static_cast<uint8_t*>(p.workspace);
   if (pairs > 0) {
     const int64_t grid = pairs < (int64_t(1) << 30) ? pairs : (int64_t(1) << 30);
-    k_bias_flags<<<int(grid), kThreads, 0, stream>>>(p, flags);
+    ATTNKIT_LAUNCH_KERNEL(k_bias_flags, int(grid), kThreads, 0, stream, p, flags);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   compact(flags, p.batch * p.h_kv, p.nqb, p.nkb, p.fwd_list, p.nkb, p.fwd_count, p.bwd_list, p.bwd_count, stream);

@@ -102,7 +102,8 @@ void launch_kmeans_finalize(const unsigned long long* sums, const int* counts, f
   TORCH_CHECK(D <= kMaxD, "centroids: head dim must be <= ", kMaxD, " on CUDA (got ", D, ")");
   if (static_cast<int64_t>(H) * C == 0 || D == 0) return;
   const int threads = ((D + 31) / 32) * 32;
-  ATTNKIT_LAUNCH_KERNEL(kmeans_finalize_kernel, static_cast<unsigned>(H * C), threads, 0, stream, sums, counts, mu, C, D, decay);
+  ATTNKIT_LAUNCH_KERNEL(kmeans_finalize_kernel, static_cast<unsigned>(H * C), threads, 0, stream,
+      sums, counts, mu, C, D, decay);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -199,9 +199,11 @@ void launch_build_inverse(const int* idx, int64_t BH, int64_t SW, int L, int* of
   if (counts_only) return;
   ATTNKIT_LAUNCH_KERNEL(inverse_scan_kernel, static_cast<unsigned>(BH), kScanThreads, 0, stream, offsets, L);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ATTNKIT_LAUNCH_KERNEL(inverse_fill_kernel, grid_1d(n, kThreads), kThreads, 0, stream, idx, n, SW, L, offsets, cursor, entries);
+  ATTNKIT_LAUNCH_KERNEL(inverse_fill_kernel, grid_1d(n, kThreads), kThreads, 0, stream,
+      idx, n, SW, L, offsets, cursor, entries);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  ATTNKIT_LAUNCH_KERNEL(inverse_sort_kernel, grid_1d(BH * L, kThreads), kThreads, 0, stream, offsets, BH, L, SW, entries);
+  ATTNKIT_LAUNCH_KERNEL(inverse_sort_kernel, grid_1d(BH * L, kThreads), kThreads, 0, stream,
+      offsets, BH, L, SW, entries);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -255,7 +255,8 @@ void launch_topw_select(const float* scores, int64_t rows, int64_t rows0, int L,
                         cudaStream_t stream) {
   if (rows == 0 || w == 0) return;
   TORCH_CHECK(rows <= 0x7FFFFFFF, "routing_assign: batch * heads * clusters must be < 2^31 on CUDA (got ", rows, ")");
-  ATTNKIT_LAUNCH_KERNEL(topw_select_kernel, static_cast<unsigned>(rows), kSelectThreads, 0, stream, scores, rows0, L, w, out0, out1);
+  ATTNKIT_LAUNCH_KERNEL(topw_select_kernel, static_cast<unsigned>(rows), kSelectThreads, 0, stream,
+      scores, rows0, L, w, out0, out1);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -93,3 +93,18 @@ inline unsigned long long atomicMax(unsigned long long* a, unsigned long long v)
   }
   return cur;
 }
+
+// Block-wide OR of pred, a barrier like __syncthreads (blocks run one at a time: one flag serves all).
+namespace emu {
+inline std::atomic<int> g_sync_or{0};
+}  // namespace emu
+inline int __syncthreads_or(int pred) {
+  __syncthreads();  // every thread has read the previous result
+  if (emu::t_linear == 0) emu::g_sync_or.store(0);
+  __syncthreads();
+  if (pred) emu::g_sync_or.store(1);
+  __syncthreads();
+  const int r = emu::g_sync_or.load();
+  __syncthreads();
+  return r;
+}

@@ -32,8 +32,9 @@ t0 = time.time()
 load(
     name="attnkit_ops_emu",
     sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
-                                     "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp")]
-    + [str(root / "csrc/flash/flash_api.cpp")],
+                                     "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp",
+                                     "emu_ops_dma_select.cpp")]
+    + [str(root / "csrc/flash/flash_api.cpp"), str(root / "csrc/dma/dma_host.cpp")],
     # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
     extra_include_paths=[str(here / "ops_include"), str(here / "flash_include"), str(here), str(root / "csrc")],
     extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
@@ -226,6 +227,97 @@ if only in ("", "routing"):
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         run(f"kmeans {dt} given assign", check_kmeans, dt, 300, 3, 64, 5, 0.7, True)
         run(f"kmeans {dt} computed assign", check_kmeans, dt, 100, 2, 32, 7, 0.0, False)
+
+
+# ---- DMA: the rule of tests/test_dma.py (slack scaled by the magnitude once above 1) ----
+D_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def close_mag(out, r, e, atol, name):
+    rr = r.detach().double()
+    rr = rr[torch.isfinite(rr)]
+    mag = max(1.0, rr.abs().max().item()) if rr.numel() else 1.0
+    assert_close_fa(out, r, e, atol * mag, name)
+
+
+def check_dma_select(B, H, lk, keep, lq, causal, ties):
+    g = torch.Generator().manual_seed(lk + keep)
+    bias = torch.randn(B, H, lk, generator=g)
+    if ties:
+        bias = (bias * 2).round() / 2
+    kern = emu.dma_select(bias, keep, lq, causal)
+    cpu = torch.ops.attnkit.dma_select(bias, keep, lq, causal)
+    names = ("thr", "tie", "fwd_list", "fwd_count", "bwd_list", "bwd_count")
+    for name, a, c in zip(names, kern, cpu):
+        assert a.shape == c.shape and a.dtype == c.dtype, f"{name}: {a.shape} {a.dtype} vs CPU {c.shape} {c.dtype}"
+        assert torch.equal(a, c), f"{name}: differs from the CPU op at {(a != c).nonzero()[:5].tolist()}"
+
+
+def check_dma(dtype, B, lq, lk, hq, hkv, d, keep, causal):
+    g = torch.Generator().manual_seed(lq * 3 + lk + keep)
+    q, k, v = (torch.randn(B, L, h, d, generator=g) for L, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+    bias = torch.randn(B, hkv, lk, generator=g)
+    dout = torch.randn(B, lq, max(hq, hkv), d, generator=g)
+    scale = d**-0.5
+    thr, tie, fl, fc, bl, bc = emu.dma_select(bias, keep, lq, causal)
+    qd, kd, vd = (t.to(dtype) for t in (q, k, v))
+    out, lse = emu.dma_fwd(qd, kd, vd, bias, thr, tie, fl, fc, bl, bc, causal, scale)
+    dq, dk, dv, db = emu.dma_bwd(dout.to(dtype), qd, kd, vd, bias, out, lse, thr, tie, bl, bc, causal, scale)
+
+    def fwd_bwd(dt):
+        xs = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        bb = bias.to(dt).requires_grad_()
+        o, l_ = reference.dynamic_mask_attention(*xs, bb, keep=keep, causal=causal, scale=scale)
+        return o.detach(), l_.detach(), torch.autograd.grad(o, [*xs, bb], dout.to(dt))
+
+    r64, eager = fwd_bwd(torch.float64), fwd_bwd(dtype)
+    atol = D_ATOL[dtype]
+    close_mag(out, r64[0], eager[0], atol, "out")
+    close_mag(lse, r64[1], eager[1], 1e-2, "lse")
+    for name, a, r, e in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, db), r64[2], eager[2]):
+        close_mag(a, r, e, atol * (4 if name == "dbias" else 1), name)
+
+
+def check_masked_bias(dtype, causal):
+    B, LQ, LK, HQ, HKV, d = 1, 70, 130, 4, 2, 64
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, LQ, HQ, d, generator=g)
+    k = torch.randn(B, LK, HKV, d, generator=g)
+    v = torch.randn(B, LK, HKV, d, generator=g)
+    mask = torch.rand(B, HKV, LQ, LK, generator=g) > 0.4
+    mask[0, :, 3] = False  # a fully masked row
+    mask[..., 64:] = False  # fully masked tiles
+    bias = torch.randn(B, HKV, LQ, LK, generator=g)
+    dout = torch.randn(B, LQ, HQ, d, generator=g)
+    scale = d**-0.5
+    qd, kd, vd, bd = (t.to(dtype) for t in (q, k, v, bias))
+    out, lse = emu.masked_bias_fwd(qd, kd, vd, mask, bd, causal, scale)
+    dq, dk, dv, db = emu.masked_bias_bwd(dout.to(dtype), qd, kd, vd, mask, bd, out, lse, causal, scale, True)
+
+    def fwd_bwd(dt):
+        xs = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        bb = bias.to(dt).requires_grad_()
+        o, l_ = reference.masked_bias_attention(*xs, attn_mask=mask, attn_bias=bb, causal=causal, scale=scale)
+        return o.detach(), l_.detach(), torch.autograd.grad(o, [*xs, bb], dout.to(dt))
+
+    r64, eager = fwd_bwd(torch.float64), fwd_bwd(dtype)
+    atol = D_ATOL[dtype]
+    close_mag(out, r64[0], eager[0], atol, "out")
+    close_mag(lse, r64[1], eager[1], 1e-2, "lse")
+    for name, a, r, e in zip(("dq", "dk", "dv", "dbias"), (dq, dk, dv, db), r64[2], eager[2]):
+        close_mag(a, r, e, atol * (4 if name == "dbias" else 1), name)
+
+
+if only in ("", "dma"):
+    for causal in (False, True):
+        run(f"dma_select causal={causal}", check_dma_select, 2, 2, 150, 40, 130, causal, False)
+        run(f"dma_select causal={causal} ties", check_dma_select, 1, 2, 130, 17, 70, causal, True)
+    run("dma_select keep >= lk", check_dma_select, 1, 1, 30, 40, 30, True, False)
+    for dt in (torch.float16, torch.bfloat16):
+        run(f"dma {dt} causal Lq<Lk GQA", check_dma, dt, 1, 70, 130, 4, 2, 64, 48, True)
+        run(f"dma {dt} non-causal reverse GQA", check_dma, dt, 1, 130, 70, 2, 4, 64, 20, False)
+        run(f"dma {dt} L=1", check_dma, dt, 2, 1, 1, 2, 2, 64, 1, True)
+        run(f"masked_bias {dt} causal", check_masked_bias, dt, True)
 
 print("PASSED" if not failed else f"FAILED: {failed}")
 sys.exit(1 if failed else 0)
