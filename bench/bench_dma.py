@@ -1,4 +1,4 @@
-"""Issue 5: Dynamic Mask Attention on the GPU, side by side with causal SDPA (flash / cuDNN).
+"""Dynamic Mask Attention on the GPU, side by side with causal SDPA (flash / cuDNN).
 
 H100, bf16, H=16, Hkv=8, D=128, causal, keep=2048, B=1, forward and forward+backward. Targets:
   - L=32k: fwd+bwd >= 6x faster than causal SDPA;
@@ -9,7 +9,7 @@ H100, bf16, H=16, Hkv=8, D=128, causal, keep=2048, B=1, forward and forward+back
 
     pytest bench/bench_dma.py --benchmark-only --benchmark-group-by=param:case
 
-``test_dma`` times the suite's cases (``attnkit.bench.cases.dma_perf_cases``: attnkit, SDPA and the
+``test_dma`` times the suite's cases (``attnkit.bench.cases.dma.dma_perf_cases``: attnkit, SDPA and the
 other baselines, behind the suite's correctness gate). The other benchmarks measure what only DMA
 has: the selection's share of the op, the time ratio across lengths and the peak extra memory; their
 numbers go to ``extra_info`` and to ``bench/results/dma_<gpu>.json``.
@@ -28,7 +28,8 @@ pytestmark = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 try:
-    from attnkit.bench.cases import case_params, dma_perf_cases
+    from attnkit.bench.cases import case_params
+    from attnkit.bench.cases.dma import dma_perf_cases
 
     _SUITE = [pytest.param(c, i, id=n) for c, i, n in case_params(dma_perf_cases())]
 except ImportError:  # the suite's registry is not in this build

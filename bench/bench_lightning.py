@@ -1,13 +1,13 @@
-"""Issue 4: Lightning attention on the GPU (pytest-benchmark; needs CUDA, skipped otherwise).
+"""Lightning attention on the GPU (pytest-benchmark; needs CUDA, skipped otherwise).
 
     pytest bench/bench_lightning.py --benchmark-only --benchmark-group-by=param:case
 
-The timed cases are the shared registry's ``attnkit.bench.cases.lightning_perf_cases`` (bf16, B=4,
+The timed cases are the shared registry's ``attnkit.bench.cases.lightning.lightning_perf_cases`` (bf16, B=4,
 H=32, D=128, L in 2k..64k, forward and forward+backward; attnkit, flash-linear-attention's
 chunk_simple_gla when installed, causal SDPA backends, a plain-PyTorch chunked baseline), each behind
 the registry's correctness gate (``run_bench`` in bench/conftest.py). Added here: one decode step
 (B=4, H=32, 128x128 fp32 state, in place) with its achieved memory bandwidth, and a summary of the
-issue's targets written to bench/results/lightning_<gpu>.json: time(64k)/time(8k) <= 8.8, >= 1.0x
+performance targets written to bench/results/lightning_<gpu>.json: time(64k)/time(8k) <= 8.8, >= 1.0x
 FLA's chunk kernel, faster than causal flash SDPA from L = 2k, decode >= 70% of the HBM bandwidth.
 """
 
@@ -22,7 +22,8 @@ import re
 import pytest
 import torch
 
-from attnkit.bench.cases import case_params, lightning_perf_cases
+from attnkit.bench.cases import case_params
+from attnkit.bench.cases.lightning import lightning_perf_cases
 
 pytestmark = pytest.mark.cuda
 
@@ -80,7 +81,7 @@ def test_lightning_decode(benchmark):
 
 
 def test_zz_summary():
-    """Writes the issue's targets against what was measured (not a pass/fail test)."""
+    """Writes the performance targets against what was measured (not a pass/fail test)."""
     if not RESULTS or not torch.cuda.is_available():
         pytest.skip("no lightning benchmark ran")
     name = torch.cuda.get_device_name()

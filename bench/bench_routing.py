@@ -1,4 +1,4 @@
-"""Issue 6, performance: routing attention on the GPU (pytest-benchmark; skipped without CUDA).
+"""Routing attention on the GPU (pytest-benchmark; skipped without CUDA).
 
 H100, bf16, B=1, H=8, D=64, causal, C = sqrt(L), w = L / C, L in {4k, 16k, 64k}; forward + backward
 of the whole layer's attention (routing, attention inside clusters, commitment loss, k-means EMA
@@ -113,7 +113,7 @@ def test_layer(benchmark, L):
 def test_attention(benchmark, L):
     q, k, v, mu = _inputs(L)
     _, w = _shape(L)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=w, shared_qk=False)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=w, shared_qk=False)
     g = torch.randn_like(q)
 
     def run():
@@ -172,7 +172,7 @@ def test_routing_transformer(benchmark, L):
 
 
 def test_report():
-    """Prints the ratios the issue targets (after the timed tests of this file ran)."""
+    """Prints the ratios of the performance targets (after the timed tests of this file ran)."""
     if not _TIMES:
         pytest.skip("no timings (run the whole file)")
     lines = []

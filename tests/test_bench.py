@@ -71,10 +71,10 @@ def fake_lightning(q, k, v, slopes, *, scale=1.0, **kw):
     return torch.stack(outs, dim=1).to(q.dtype), state
 
 
-def fake_routing_assign(q, k, centroids, *, window, shared_qk=True):
+def fake_routing_assign(q, k, centroids, *, cluster_size, shared_qk=True):
     def top(x):
         r = torch.einsum("blhd,hcd->bhcl", F.normalize(x.float(), dim=-1), centroids.float())
-        return r.topk(window, dim=-1).indices.sort(dim=-1).values.int()
+        return r.topk(cluster_size, dim=-1).indices.sort(dim=-1).values.int()
 
     qi = top(q)
     return qi, (qi if shared_qk else top(k))
@@ -196,13 +196,13 @@ def test_registry_uses_only_ops_that_exist(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 TINY = {
-    "sqa": lambda m: C.sqa_case("sqa", H=8, B=2, L=33, D=16, causal=True, dtype=torch.float32, device="cpu", mode=m),
-    "rsqa": lambda m: C.sqa_case("rsqa", H=8, B=1, L=20, D=16, causal=False, dtype=torch.float32, device="cpu",
+    "sqa": lambda m: C.sqa.sqa_case("sqa", H=8, B=2, L=33, D=16, causal=True, dtype=torch.float32, device="cpu", mode=m),
+    "rsqa": lambda m: C.sqa.sqa_case("rsqa", H=8, B=1, L=20, D=16, causal=False, dtype=torch.float32, device="cpu",
                                  mode=m),
-    "dma": lambda m: C.dma_case(B=1, L=40, H=4, Hkv=2, D=16, keep=7, causal=True, dtype=torch.float32,
+    "dma": lambda m: C.dma.dma_case(B=1, L=40, H=4, Hkv=2, D=16, keep=7, causal=True, dtype=torch.float32,
                                 device="cpu", mode=m),
-    "lightning": lambda m: C.lightning_case(B=1, L=70, H=3, D=16, dtype=torch.float32, device="cpu", mode=m),
-    "routing": lambda m: C.routing_case(B=1, L=40, H=2, D=16, dtype=torch.float32, device="cpu", mode=m),
+    "lightning": lambda m: C.lightning.lightning_case(B=1, L=70, H=3, D=16, dtype=torch.float32, device="cpu", mode=m),
+    "routing": lambda m: C.routing.routing_case(B=1, L=40, H=2, D=16, dtype=torch.float32, device="cpu", mode=m),
 }
 
 
@@ -228,8 +228,8 @@ def test_mechanism_gate_and_timing(fakes, name, mode):
 
 
 def test_routing_gate_checks_assignment(fakes, monkeypatch):
-    def shifted(q, k, centroids, *, window, shared_qk=True):
-        qi, ki = fake_routing_assign(q, k, centroids, window=window, shared_qk=shared_qk)
+    def shifted(q, k, centroids, *, cluster_size, shared_qk=True):
+        qi, ki = fake_routing_assign(q, k, centroids, cluster_size=cluster_size, shared_qk=shared_qk)
         return (qi + 1) % q.shape[1], (ki + 1) % q.shape[1]
 
     monkeypatch.setattr(attnkit, "routing_assign", shifted)

@@ -7,6 +7,7 @@ import torch
 
 import attnkit
 from attnkit import reference as ref
+from attnkit.reference import dma as ref_dma
 from conftest import assert_close_fa
 
 
@@ -38,7 +39,7 @@ def kept_from_thresholds(bias, thr, tie, causal):
     x = bias.float()[:, :, None, :]
     j = torch.arange(lk, device=bias.device)
     pred = (x > thr[..., None]) | ((x == thr[..., None]) & (j <= tie[..., None].long()))
-    return pred & ref._dma_visible(lq, lk, causal, bias.device)
+    return pred & ref_dma._visible(lq, lk, causal, bias.device)
 
 
 def tile_activity(kept):
@@ -109,7 +110,7 @@ def test_select_matches_dense_reference(causal, lq, lk, keep, ties):
     want = ref.dynamic_mask_dense(bias, keep, lq, causal)
     assert torch.equal(got, want)
     # Every row keeps min(keep, visible) keys.
-    nvis = ref._dma_visible(lq, lk, causal, "cpu").sum(-1)
+    nvis = ref_dma._visible(lq, lk, causal, "cpu").sum(-1)
     assert torch.equal(got.sum(-1), torch.clamp(nvis, max=keep).expand(b, h, lq))
     check_lists(sel, tile_activity(want))
     width = sel.fwd_list.shape[-1]
@@ -531,7 +532,7 @@ def test_op_level_errors_name_the_argument():
 # nn module
 # ------------------------------------------------------------------------------------------------
 def test_module_dense_when_short():
-    m = attnkit.nn.DynamicMaskAttention(32, 4, 2, keep_window=64, causal=True).double()
+    m = attnkit.nn.DynamicMaskAttention(32, 4, 2, keep=64, causal=True).double()
     x = torch.randn(2, 20, 32, dtype=torch.float64)
     y = m(x)
     # Same computation by hand: dense causal attention plus the bias.
@@ -545,7 +546,7 @@ def test_module_dense_when_short():
 
 def test_module_trains_and_gradients_reach_dt_proj_and_A():
     torch.manual_seed(0)
-    m = attnkit.nn.DynamicMaskAttention(32, 4, 2, keep_window=4, causal=True)
+    m = attnkit.nn.DynamicMaskAttention(32, 4, 2, keep=4, causal=True)
     head = torch.nn.Linear(32, 1)
     x = torch.randn(16, 24, 32)
     # Toy task: predict the running mean of feature 0 over the last 3 tokens (needs attention).

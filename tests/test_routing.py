@@ -69,7 +69,7 @@ def test_assign_matches_topk(device, shared_qk, L, C, w):
     dtype = torch.float64 if device == "cpu" else torch.float32
     q, k, _ = _qkv(2, L, 3, 16, dtype, device)
     mu = _centroids(3, C, 16, device)
-    q_idx, k_idx = attnkit.routing_assign(q, None if shared_qk else k, mu, window=w, shared_qk=shared_qk)
+    q_idx, k_idx = attnkit.routing_assign(q, None if shared_qk else k, mu, cluster_size=w, shared_qk=shared_qk)
     assert q_idx.dtype == torch.int32 and q_idx.shape == (2, 3, C, w) and k_idx.shape == (2, 3, C, w)
     _check_topw(q_idx, q, mu, w)
     if shared_qk:
@@ -83,7 +83,7 @@ def test_assign_matches_topk(device, shared_qk, L, C, w):
 def test_assign_low_precision_selects_top_scores(device, dtype):
     q, k, _ = _qkv(2, 300, 2, 32, dtype, device, seed=3)
     mu = _centroids(2, 5, 32, device)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=40, shared_qk=False)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=40, shared_qk=False)
     _check_topw(q_idx, q, mu, 40)
     _check_topw(k_idx, k, mu, 40)
 
@@ -99,18 +99,18 @@ def test_assign_ties_go_to_lower_position(device):
     q = torch.stack([base[r] * 2.0 ** (i % 3) for i, r in enumerate(rows)], 0)[None].to(device=device, dtype=dtype)
     mu = _centroids(1, 4, 8, device)
     for w in (1, 2, 4, 5, 12):
-        q_idx, _ = attnkit.routing_assign(q, None, mu, window=w)
+        q_idx, _ = attnkit.routing_assign(q, None, mu, cluster_size=w)
         ref, _ = R.routing_assign_ref(q.cpu(), None, mu.cpu(), w)
         assert torch.equal(q_idx.long().cpu(), ref), f"w={w}"
     # all tokens equal: every cluster takes the first w positions
     q_same = base[0].expand(12, 1, 8)[None].contiguous().to(device=device, dtype=dtype)
-    q_idx, _ = attnkit.routing_assign(q_same, None, mu, window=5)
+    q_idx, _ = attnkit.routing_assign(q_same, None, mu, cluster_size=5)
     assert torch.equal(q_idx.cpu(), torch.arange(5, dtype=torch.int32).expand(1, 1, 4, 5))
 
 
 def test_assign_empty_batch():
     q = torch.randn(0, 5, 2, 8)
-    q_idx, k_idx = attnkit.routing_assign(q, torch.randn(0, 5, 2, 8), _centroids(2, 3, 8, "cpu"), window=2,
+    q_idx, k_idx = attnkit.routing_assign(q, torch.randn(0, 5, 2, 8), _centroids(2, 3, 8, "cpu"), cluster_size=2,
                                           shared_qk=False)
     assert q_idx.shape == (0, 2, 3, 2) and k_idx.shape == (0, 2, 3, 2)
 
@@ -174,7 +174,7 @@ def test_attention_vs_reference(device, L, C, w, shared_qk, causal):
     B, H, D = (1, 1, 32) if L >= 1000 else (1, 2, 32) if L >= 256 else (2, 2, 32)
     q, k, v = _qkv(B, L, H, D, dtype, device, seed=L + C)
     mu = _centroids(H, C, D, device)
-    q_idx, k_idx = attnkit.routing_assign(q, None if shared_qk else k, mu, window=w, shared_qk=shared_qk)
+    q_idx, k_idx = attnkit.routing_assign(q, None if shared_qk else k, mu, cluster_size=w, shared_qk=shared_qk)
     _check_attention(q, None if shared_qk else k, v, q_idx, k_idx, causal, shared_qk)
 
 
@@ -186,7 +186,7 @@ def test_attention_dtypes(device, dtype, shared_qk):
         pytest.skip("the CUDA core runs fp16 / bf16")
     q, k, v = _qkv(2, 64, 2, 32, dtype, device, seed=11)
     mu = _centroids(2, 4, 32, device)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=24, shared_qk=shared_qk)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=24, shared_qk=shared_qk)
     _check_attention(q, None if shared_qk else k, v, q_idx, k_idx, True, shared_qk)
 
 
@@ -212,7 +212,7 @@ def test_one_cluster_full_window_is_full_attention(device, causal):
     L = 40
     q, k, v = _qkv(2, L, 3, 32, dtype, device, seed=4)
     mu = _centroids(3, 1, 32, device)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=L, shared_qk=False)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=L, shared_qk=False)
     assert torch.equal(q_idx.cpu(), torch.arange(L, dtype=torch.int32).expand(2, 3, 1, L))
     out = attnkit.routing_attention(q, k, v, q_idx, k_idx, causal=causal, shared_qk=False)
     ref = R.full_attention_ref(q.cpu(), k.cpu(), v.cpu(), causal=causal)
@@ -242,7 +242,7 @@ def test_shared_qk_self_attends_only_when_alone(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shared_qk", [True, False])
 def test_key_padding_mask(device, shared_qk):
-    # padded tokens rank last in routing_assign: with window <= the unpadded length no list holds
+    # padded tokens rank last in routing_assign: with cluster_size <= the unpadded length no list holds
     # one, so attention inside the clusters equals the reference with the padded keys masked
     dtype = torch.float32 if device == "cpu" else torch.float16
     L = 30
@@ -252,7 +252,7 @@ def test_key_padding_mask(device, shared_qk):
     pad[0, 20:] = True
     pad[1, ::4] = True
     w = 12
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=w, shared_qk=shared_qk, key_padding_mask=pad.to(device))
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=w, shared_qk=shared_qk, key_padding_mask=pad.to(device))
     ref_q, ref_k = R.routing_assign_ref(q.cpu().double(), None if shared_qk else k.cpu().double(), mu.cpu(), w,
                                         shared_qk, key_padding_mask=pad)
     if device == "cpu":
@@ -261,7 +261,7 @@ def test_key_padding_mask(device, shared_qk):
         assert not pad.gather(1, idx.cpu().long().view(2, -1)).any(), "a padded token was routed"
     _check_attention(q, None if shared_qk else k, v, q_idx, k_idx, False, shared_qk, key_padding_mask=pad.to(device))
     # window larger than an unpadded length: padded tokens fill the remaining slots, last
-    q_idx, _ = attnkit.routing_assign(q, None, mu, window=25, key_padding_mask=pad.to(device))
+    q_idx, _ = attnkit.routing_assign(q, None, mu, cluster_size=25, key_padding_mask=pad.to(device))
     assert int(pad[0].gather(0, q_idx[0, 0, 0].cpu().long()).sum()) == 5
 
 
@@ -282,7 +282,7 @@ def test_local_window_attention(device, causal):
     pad = torch.zeros(2, L, dtype=torch.bool, device=device)
     pad[1, 30:] = True
     qa, ka, va = (_leaf(t) for t in (q, k, v))
-    out = attnkit.ops._routing_local_attention(qa, ka, va, window=W, causal=causal, key_padding_mask=pad)
+    out = attnkit.ops.routing._routing_local_attention(qa, ka, va, window=W, causal=causal, key_padding_mask=pad)
     full = torch.arange(L, dtype=torch.int32).expand(2, 2, 1, L).contiguous()
     qr, kr, vr = (_leaf(t.cpu().double()) for t in (q, k, v))
     ref = R.routing_attention_ref(qr, kr, vr, full, full, causal=causal, shared_qk=False, window_left=W - 1,
@@ -303,7 +303,7 @@ def test_deterministic_flag_and_repeatability(device):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     q, k, v = _qkv(1, 300, 2, 32, dtype, device, seed=12)
     mu = _centroids(2, 4, 32, device)
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=150, shared_qk=False)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=150, shared_qk=False)
     grads = []
     for det in (True, False, True):
         qa, ka, va = (_leaf(t) for t in (q, k, v))
@@ -452,7 +452,7 @@ def test_torch_compile(device, backend):
     mu = _centroids(2, 4, 32, device)
 
     def f(q, k, v):
-        q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=9, shared_qk=False)
+        q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=9, shared_qk=False)
         out = attnkit.routing_attention(q, k, v, q_idx, k_idx, causal=True, shared_qk=False)
         return out.float().square().sum()
 
@@ -474,7 +474,7 @@ def test_torch_compile(device, backend):
 def test_gradcheck(shared_qk, causal):
     q, k, v = (_leaf(t) for t in _qkv(1, 11, 2, 8, torch.float64, "cpu", seed=15))
     mu = _centroids(2, 3, 8, "cpu").double()
-    q_idx, k_idx = attnkit.routing_assign(q, k, mu, window=5, shared_qk=shared_qk)
+    q_idx, k_idx = attnkit.routing_assign(q, k, mu, cluster_size=5, shared_qk=shared_qk)
     # scale 0.5 and fp32 lse inside the core limit float64 precision to ~1e-7: gradcheck's default
     # eps / atol need that much slack.
     kk = None if shared_qk else k
@@ -491,18 +491,18 @@ def test_bad_inputs():
     q, k, v = _qkv(1, 10, 2, 8, torch.float32, "cpu")
     mu = _centroids(2, 3, 8, "cpu")
     idx = torch.zeros(1, 2, 3, 4, dtype=torch.int32)
-    with pytest.raises(ValueError, match="window"):
-        attnkit.routing_assign(q, k, mu, window=11)
-    with pytest.raises(ValueError, match="window"):
-        attnkit.routing_assign(q, k, mu, window=0)
-    with pytest.raises(TypeError, match="window"):
-        attnkit.routing_assign(q, k, mu, window=2.0)
+    with pytest.raises(ValueError, match="cluster_size"):
+        attnkit.routing_assign(q, k, mu, cluster_size=11)
+    with pytest.raises(ValueError, match="cluster_size"):
+        attnkit.routing_assign(q, k, mu, cluster_size=0)
+    with pytest.raises(TypeError, match="cluster_size"):
+        attnkit.routing_assign(q, k, mu, cluster_size=2.0)
     with pytest.raises(ValueError, match="centroids"):
-        attnkit.routing_assign(q, k, mu[:1], window=2)
+        attnkit.routing_assign(q, k, mu[:1], cluster_size=2)
     with pytest.raises(ValueError, match="k must be given"):
-        attnkit.routing_assign(q, None, mu, window=2, shared_qk=False)
+        attnkit.routing_assign(q, None, mu, cluster_size=2, shared_qk=False)
     with pytest.raises(ValueError, match="^q"):
-        attnkit.routing_assign(q[0], k, mu, window=2)
+        attnkit.routing_assign(q[0], k, mu, cluster_size=2)
     with pytest.raises(TypeError, match="q_idx"):
         attnkit.routing_attention(q, k, v, idx.long(), idx)
     with pytest.raises(ValueError, match="k_idx"):
@@ -520,9 +520,9 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="scale"):
         attnkit.routing_attention(q, k, v, idx, idx, scale="x")
     with pytest.raises(ValueError, match="key_padding_mask"):
-        attnkit.routing_assign(q, k, mu, window=2, key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
+        attnkit.routing_assign(q, k, mu, cluster_size=2, key_padding_mask=torch.zeros(1, 9, dtype=torch.bool))
     with pytest.raises(TypeError, match="key_padding_mask"):
-        attnkit.routing_assign(q, k, mu, window=2, key_padding_mask=torch.zeros(1, 10))
+        attnkit.routing_assign(q, k, mu, cluster_size=2, key_padding_mask=torch.zeros(1, 10))
     with pytest.raises(RuntimeError, match="q_idx values"):
         attnkit.routing_attention(q, k, v, idx + 10, idx)
     with pytest.raises(RuntimeError, match="k_idx values"):
@@ -561,7 +561,7 @@ def _toy_batch(g, B=8, L=48, E=32):
 def test_module_trains(shared_qk, local_heads):
     torch.manual_seed(0)
     E = 32
-    m = attnkit.nn.RoutingAttention(E, 4, num_clusters=4, window=16, causal=True, local_heads=local_heads,
+    m = attnkit.nn.RoutingAttention(E, 4, num_clusters=4, cluster_size=16, causal=True, local_heads=local_heads,
                                     local_window=8, shared_qk=shared_qk, ema_decay=0.9, commitment=1.0)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(1)
@@ -614,7 +614,7 @@ def test_module_padding_and_shapes():
         a, _ = m1(x, key_padding_mask=pad)
         b, _ = m1(x2, key_padding_mask=pad)
     torch.testing.assert_close(a[1, :18], b[1, :18], atol=1e-5, rtol=0)
-    assert torch.equal(a[1, 18:], torch.zeros_like(a[1, 18:]) + m1.out_proj.bias)
+    assert torch.equal(a[1, 18:], torch.zeros_like(a[1, 18:]) + m1.o_proj.bias)
     assert torch.isfinite(o1).all() and torch.isfinite(o2).all()
     # L = 1 and L < num_clusters work
     out1, _ = m(torch.randn(3, 1, 32))

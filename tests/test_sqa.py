@@ -190,7 +190,7 @@ def test_backward_deterministic(device):
 
 
 def test_head_mapping_definition():
-    # The mapping written in the issue: more query heads -> KV head h // (Hq / Hkv); more KV heads ->
+    # The documented mapping: more query heads -> KV head h // (Hq / Hkv); more KV heads ->
     # query head j // (Hkv / Hq), KV head j.
     assert sqa_head_mapping(8, 2) == (list(range(8)), [0, 0, 0, 0, 1, 1, 1, 1])
     assert sqa_head_mapping(2, 8) == ([0, 0, 0, 0, 1, 1, 1, 1], list(range(8)))
@@ -384,7 +384,7 @@ def test_presets_head_counts():
         assert m.q_proj.weight.shape == (hq * 16, 256)
         assert m.k_proj.weight.shape == (hkv * 16, 256)
         assert m.v_proj.weight.shape == (hkv * 16, 256)
-        assert m.out_proj.weight.shape == (256, max(hq, hkv) * 16)
+        assert m.o_proj.weight.shape == (256, max(hq, hkv) * 16)
     assert preset_heads("sqa", 8) == (4, 2)
     assert preset_heads("xsqa", 32) == (8, 8)
     assert preset_heads("rsqa", 8) == (2, 4)
@@ -412,7 +412,7 @@ def _module_reference(m: SparseQueryAttention, x: torch.Tensor) -> torch.Tensor:
     k = lin(m.k_proj, x).view(B, L, m.num_kv_heads, hd)
     v = lin(m.v_proj, x).view(B, L, m.num_kv_heads, hd)
     o = sqa_reference(q, k, v, causal=m.causal)
-    return lin(m.out_proj, o.reshape(B, L, -1))
+    return lin(m.o_proj, o.reshape(B, L, -1))
 
 
 @pytest.mark.parametrize("preset", ["sqa", "rsqa", "xsmqa"])
@@ -442,7 +442,7 @@ def test_module_key_padding_mask(causal):
         torch.testing.assert_close(y[b, keep], alone, atol=1e-5, rtol=1e-5)
         pad = mask[b].nonzero().squeeze(1)
         if pad.numel():
-            torch.testing.assert_close(y[b, pad], m.out_proj.bias.expand(pad.numel(), -1))
+            torch.testing.assert_close(y[b, pad], m.o_proj.bias.expand(pad.numel(), -1))
     y.square().sum().backward()
     assert torch.isfinite(x.grad).all()
     # Padded tokens influence nothing: their inputs get no gradient from the other tokens' outputs.

@@ -59,7 +59,7 @@ def routing_cases(quick):
         for causal in (True, False):
             q, k, v = _qkv(1, 100, 100, 2, 2, 64, torch.float16)
             mu = torch.nn.functional.normalize(torch.randn(2, 4, 64, device=DEV), dim=-1)
-            qi, ki = attnkit.routing_assign(q.detach(), None if shared else k.detach(), mu, window=30, shared_qk=shared)
+            qi, ki = attnkit.routing_assign(q.detach(), None if shared else k.detach(), mu, cluster_size=30, shared_qk=shared)
             kk = q if shared else k
             _backward(attnkit.routing_attention(q, kk, v, qi, ki, causal=causal, shared_qk=shared))
             attnkit.kmeans_ema_update_(mu, q.detach(), decay=0.9)

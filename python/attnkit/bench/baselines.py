@@ -362,14 +362,14 @@ def fla_simple_gla(q, k, v, slopes, *, scale: float):
 # ----------------------------------------------------------------------------------------------
 
 
-def routing_assign_eager(q, k, centroids, *, window: int, shared_qk: bool = True):
+def routing_assign_eager(q, k, centroids, *, cluster_size: int, shared_qk: bool = True):
     """q_idx, k_idx [B, H, C, w] int64: per centroid, the w tokens with the largest normalised score
     (ties to the lower position), sorted by position."""
 
     def top(x):
         xn = F.normalize(x.float(), dim=-1)
         r = torch.einsum("blhd,hcd->bhcl", xn, centroids.float())
-        idx = torch.sort(r, dim=-1, descending=True, stable=True).indices[..., :window]
+        idx = torch.sort(r, dim=-1, descending=True, stable=True).indices[..., :cluster_size]
         return torch.sort(idx, dim=-1).values
 
     with torch.no_grad():

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import dynamic_mask_attention
+from ..ops.dma import dynamic_mask_attention
 
 
 class DynamicMaskAttention(nn.Module):
@@ -12,27 +12,27 @@ class DynamicMaskAttention(nn.Module):
 
     q, k, v and o projections; ``dt_proj`` (Linear ``Hkv*D -> Hkv``) reads the value states, and the
     per-key bias ``exp(A * softplus(dt))`` ([B, Hkv, L], A a learnt ``[Hkv]`` parameter) both selects
-    the ``keep_window`` keys each query keeps and is added to their scores. Gradients reach ``dt_proj``
-    and ``A`` through the bias. When ``L <= keep_window`` this is dense attention plus the bias.
+    the ``keep`` keys each query keeps and is added to their scores. Gradients reach ``dt_proj``
+    and ``A`` through the bias. When ``L <= keep`` this is dense attention plus the bias.
 
     Input ``x`` ``[B, L, embed_dim]``; output ``[B, L, embed_dim]``.
     """
 
-    def __init__(self, embed_dim, num_heads, num_kv_heads, keep_window=2048, causal=True, bias=False,
+    def __init__(self, embed_dim, num_heads, num_kv_heads, keep=2048, causal=True, bias=False,
                  device=None, dtype=None):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         if num_heads % num_kv_heads != 0:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        if isinstance(keep_window, bool) or not isinstance(keep_window, int) or keep_window < 1:
-            raise ValueError(f"keep_window must be an int >= 1 (got {keep_window!r})")
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1 (got {keep!r})")
         fk = {"device": device, "dtype": dtype}
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = embed_dim // num_heads
-        self.keep_window = keep_window
+        self.keep = keep
         self.causal = causal
         d = self.head_dim
         self.q_proj = nn.Linear(embed_dim, num_heads * d, bias=bias, **fk)
@@ -57,5 +57,5 @@ class DynamicMaskAttention(nn.Module):
         k = self.k_proj(x).view(b, l, self.num_kv_heads, d)
         v = v_flat.view(b, l, self.num_kv_heads, d)
         bias = self.dynamic_bias(v_flat)
-        o = dynamic_mask_attention(q, k, v, bias, keep=self.keep_window, causal=self.causal)
+        o = dynamic_mask_attention(q, k, v, bias, keep=self.keep, causal=self.causal)
         return self.o_proj(o.reshape(b, l, self.num_heads * d))

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import lightning_attention, lightning_attention_decode, lightning_slopes
+from ..ops.lightning import lightning_attention, lightning_attention_decode, lightning_slopes
 
 
 class LightningAttention(nn.Module):
@@ -58,7 +58,7 @@ class LightningAttention(nn.Module):
         self.eps = eps
         hidden = num_heads * head_dim
         self.qkvu_proj = nn.Linear(embed_dim, 4 * hidden, bias=bias, device=device, dtype=dtype)
-        self.out_proj = nn.Linear(hidden, embed_dim, bias=bias, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(hidden, embed_dim, bias=bias, device=device, dtype=dtype)
         # Fixed, not learned; kept in float32 whatever the module's dtype (see forward).
         self.register_buffer("slopes", lightning_slopes(num_heads, layer_idx, num_layers, device=device), persistent=False)
 
@@ -81,7 +81,7 @@ class LightningAttention(nn.Module):
                 q, k, v, slopes, initial_state=past_state, output_final_state=use_cache, cu_seqlens=cu_seqlens
             )
         o = self._norm(o.reshape(B, L, H * d)) * u
-        y = self.out_proj(o)
+        y = self.o_proj(o)
         return y, (state if use_cache else None)
 
     def extra_repr(self) -> str:

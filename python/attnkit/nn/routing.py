@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import (
+from ..ops.routing import (
     _routing_local_attention,
     kmeans_ema_update_,
     kmeans_init,
@@ -22,7 +22,7 @@ class RoutingAttention(nn.Module):
     Heads ``0 .. local_heads-1`` run sliding-window attention over the ``local_window`` most recent
     keys (themselves included; causal when ``causal``, else the window is one-sided to the left too).
     The other ``num_heads - local_heads`` heads are routing heads: every head has ``num_clusters``
-    unit-norm centroids (a buffer); each cluster takes the ``window`` tokens (default L // C, at
+    unit-norm centroids (a buffer); each cluster takes the ``cluster_size`` tokens (default L // C, at
     least 1) whose normalised queries / keys are closest to its centroid, and attention runs inside
     each cluster (see :func:`attnkit.routing_attention`).
 
@@ -34,12 +34,12 @@ class RoutingAttention(nn.Module):
 
     ``key_padding_mask`` [B, L] bool, True = padding: padded keys are never attended, padded tokens
     take no part in the k-means update or the commitment loss, and their outputs are 0. Routing heads
-    keep padded tokens out of the clusters (they rank last), and the cluster window shrinks to the
+    keep padded tokens out of the clusters (they rank last), and the cluster size shrinks to the
     shortest unpadded length of the batch when that is smaller (sequences with no unpadded token
     excepted).
     """
 
-    def __init__(self, embed_dim, num_heads, num_clusters, window=None, causal=True, local_heads=0, local_window=256,
+    def __init__(self, embed_dim, num_heads, num_clusters, cluster_size=None, causal=True, local_heads=0, local_window=256,
                  shared_qk=True, ema_decay=0.999, commitment=1e-4, *, bias=True, kmeans_init_iters=10, device=None,
                  dtype=None):
         super().__init__()
@@ -49,8 +49,8 @@ class RoutingAttention(nn.Module):
             raise ValueError(f"local_heads must lie in [0, num_heads={num_heads}], got {local_heads}")
         if num_clusters < 1:
             raise ValueError(f"num_clusters must be >= 1, got {num_clusters}")
-        if window is not None and window < 1:
-            raise ValueError(f"window must be None or >= 1, got {window}")
+        if cluster_size is not None and cluster_size < 1:
+            raise ValueError(f"cluster_size must be None or >= 1, got {cluster_size}")
         if local_window < 1:
             raise ValueError(f"local_window must be >= 1, got {local_window}")
         if not 0.0 <= ema_decay <= 1.0:
@@ -62,7 +62,7 @@ class RoutingAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.num_clusters = num_clusters
-        self.window = window
+        self.cluster_size = cluster_size
         self.causal = causal
         self.local_heads = local_heads
         self.routing_heads = num_heads - local_heads
@@ -74,7 +74,7 @@ class RoutingAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.k_proj = None if shared_qk else nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        self.o_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
         mu = F.normalize(torch.randn(self.routing_heads, num_clusters, self.head_dim, device=device), dim=-1)
         self.register_buffer("centroids", mu)
         self.register_buffer("centroids_initialized", torch.tensor(False, device=device))
@@ -89,7 +89,7 @@ class RoutingAttention(nn.Module):
 
     def extra_repr(self):
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, num_clusters={self.num_clusters}, "
-                f"window={self.window}, causal={self.causal}, local_heads={self.local_heads}, "
+                f"cluster_size={self.cluster_size}, causal={self.causal}, local_heads={self.local_heads}, "
                 f"local_window={self.local_window}, shared_qk={self.shared_qk}")
 
     def forward(self, x, key_padding_mask=None):
@@ -120,7 +120,7 @@ class RoutingAttention(nn.Module):
                 if xi.shape[0] > 0:
                     self.centroids.copy_(kmeans_init(xi, self.num_clusters, iters=self.kmeans_init_iters))
                     self.centroids_initialized.fill_(True)
-            w = min(self.window if self.window is not None else max(1, L // self.num_clusters), L)
+            w = min(self.cluster_size if self.cluster_size is not None else max(1, L // self.num_clusters), L)
             if pad is not None:
                 n_valid = (~pad).sum(1)
                 n_valid = n_valid[n_valid > 0]
@@ -140,4 +140,4 @@ class RoutingAttention(nn.Module):
         o = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
         if pad is not None:
             o = o.masked_fill(pad[:, :, None, None], 0)
-        return self.out_proj(o.reshape(B, L, E)), aux
+        return self.o_proj(o.reshape(B, L, E)), aux

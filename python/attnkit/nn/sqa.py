@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops import sparse_query_attention
+from ..ops.sqa import sparse_query_attention
 
 # Query / KV heads of each variant for num_heads = 16, as in the SQA paper. For another H the
 # counts scale with H (e.g. 'sqa' is H/2 query and H/4 KV heads), rounded down and at least 1;
@@ -90,7 +90,7 @@ class SparseQueryAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, num_query_heads * hd, bias=bias, **kw)
         self.k_proj = nn.Linear(embed_dim, num_kv_heads * hd, bias=bias, **kw)
         self.v_proj = nn.Linear(embed_dim, num_kv_heads * hd, bias=bias, **kw)
-        self.out_proj = nn.Linear(self.num_out_heads * hd, embed_dim, bias=bias, **kw)
+        self.o_proj = nn.Linear(self.num_out_heads * hd, embed_dim, bias=bias, **kw)
 
     @classmethod
     def from_preset(cls, name: str, embed_dim: int, num_heads: int = 16, **kwargs) -> "SparseQueryAttention":
@@ -118,7 +118,7 @@ class SparseQueryAttention(nn.Module):
             attn = sparse_query_attention(q, k, v, causal=self.causal)
         else:
             attn = self._padded_attention(q, k, v, key_padding_mask)
-        return self.out_proj(attn.reshape(B, L, self.num_out_heads * hd))
+        return self.o_proj(attn.reshape(B, L, self.num_out_heads * hd))
 
     def _padded_attention(self, q, k, v, key_padding_mask):
         B, L = q.shape[:2]

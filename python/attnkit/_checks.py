@@ -1,0 +1,85 @@
+"""Input checks shared by the ops: each raises ``TypeError`` / ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def check_tensor(name: str, t, ndim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got {t.dim()} (shape {tuple(t.shape)})")
+
+
+def check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.numel() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {t.stride(-1)}); call .contiguous()")
+
+
+def check_scale(scale, default: float) -> float:
+    if scale is None:
+        return default
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def check_attention_inputs(q, k, v) -> None:
+    """q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D]: the flash core's inputs (SQA, DMA)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, 4)
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    B, _, Hq, D = q.shape
+    _, _, Hkv, Dk = k.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k must have the batch size of q ({B}), got {k.shape[0]}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if Dk != D:
+        raise ValueError(f"k must have the head dim of q ({D}), got {Dk}")
+    if D == 0:
+        raise ValueError("q must have a non-zero head dim")
+    if Hq == 0:
+        raise ValueError("q must have at least one head")
+    if Hkv == 0:
+        raise ValueError("k must have at least one head")
+    if Hq % Hkv != 0 and Hkv % Hq != 0:
+        raise ValueError(f"the head counts of q ({Hq}) and k ({Hkv}) must divide one another")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, t)
+    if q.device.type == "cuda":
+        if q.dtype not in CUDA_DTYPES:
+            raise TypeError(f"q must be float16 or bfloat16 on CUDA, got {q.dtype}")
+        if D not in CUDA_HEAD_DIMS:
+            raise ValueError(f"q has head dim {D}; on CUDA the supported head dims are {CUDA_HEAD_DIMS}")
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
