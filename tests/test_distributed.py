@@ -13,6 +13,7 @@ fresh interpreters costs tens of seconds on a busy machine); NCCL groups use ``s
 
 from __future__ import annotations
 
+import datetime
 import traceback
 
 import pytest
@@ -36,23 +37,32 @@ _LT_REL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _launch(world, tmp_path, backend, cases):
-    store = str(tmp_path / "store")
     method = "spawn" if backend == "nccl" else "fork"
-    mp.start_processes(_worker, args=(world, store, backend, cases), nprocs=world, join=True, start_method=method)
+    try:
+        mp.start_processes(_worker, args=(world, str(tmp_path), backend, cases), nprocs=world, join=True,
+                           start_method=method)
+    except Exception:
+        # The first rank to fail may only see its peer's failure: report every rank's error.
+        errors = sorted(tmp_path.glob("rank*.err"))
+        raise AssertionError("\n".join(p.read_text() for p in errors) or "a rank failed without a report")
 
 
-def _worker(rank, world, store, backend, cases):
+def _worker(rank, world, tmp, backend, cases):
     torch.set_num_threads(1)
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    # A short timeout: a rank that failed leaves its peers waiting in a collective.
+    dist.init_process_group(backend, init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
     device = "cuda" if backend == "nccl" else "cpu"
     try:
         for name, kw in cases:
             try:
                 _CASES[name](device=device, **kw)
-            except Exception as e:
-                raise AssertionError(f"rank {rank}/{world}, case {name} {kw}:\n{traceback.format_exc()}") from e
+            except Exception:
+                with open(f"{tmp}/rank{rank}.err", "w") as f:
+                    f.write(f"rank {rank}/{world}, case {name} {kw}:\n{traceback.format_exc()}")
+                raise
     finally:
         dist.destroy_process_group()
 
