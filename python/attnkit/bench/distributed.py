@@ -144,7 +144,9 @@ def _bench_lightning(a, device, dtype, world, rank):
                 ref.backward(go.to(device, dtype))
                 errs += [_rel_err(g, r.grad) for g, r in zip(grads, ref_in)]
             err = max(errs)
-    flops = 2 * B * L * H * Dk * Dv * 3 * (3 if bwd else 1)  # state build, state read, output (order of)
+    # State build, intra-chunk Q K^T and (Q K^T) V over 64-row chunks, Q S and the state update;
+    # the backward counted as three such passes.
+    flops = 2 * B * L * H * (64 * (Dk + Dv) + 3 * Dk * Dv) * (4 if bwd else 1)
     return f"lightning CP H={H} D={Dk}", t, cc, pred, err, flops
 
 
