@@ -33,10 +33,10 @@ def _init():
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:  # torchrun
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
     else:
-        store = tempfile.NamedTemporaryFile(delete=False).name
+        store = os.path.join(tempfile.mkdtemp(), "store")
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return backend, device
@@ -192,7 +192,8 @@ def main(argv=None):
                 print(f"  !! counted bytes {sent} differ from the formula {pred}")
         tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
         bad = [r[0] for r in rows if r[4] is not None and r[4] > tol]
-        print("check vs single-process op:", "skipped" if not a.check else ("FAIL " + ", ".join(bad) if bad else f"ok (max rel err <= {tol:g})"))
+        verdict = ("FAIL " + ", ".join(bad)) if bad else f"ok (max rel err <= {tol:g})"
+        print("check vs single-process op:", verdict if a.check else "skipped")
     dist.barrier()
     dist.destroy_process_group()
 

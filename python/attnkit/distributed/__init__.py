@@ -18,6 +18,8 @@ Nothing here gathers the whole sequence's q, k or v on one rank. Import it expli
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import attnkit
@@ -59,7 +61,7 @@ def _check_scale(scale, default):
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     scale = float(scale)
-    if scale != scale or scale in (float("inf"), float("-inf")):
+    if not math.isfinite(scale):
         raise ValueError(f"scale must be finite, got {scale}")
     return scale
 

@@ -82,7 +82,7 @@ class _Unshard(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        group, dim, layout, rank, world = ctx.dims
+        _group, dim, layout, rank, world = ctx.dims
         return _take(grad, dim, rank, world, layout), None, None, None, None, None
 
 
