@@ -254,7 +254,25 @@ def _shard_case(*, device):
         ad.lightning_attention_cp(q, q, q, torch.ones(3, device=device))
 
 
-_CASES = {"ring": _ring_case, "lightning": _lightning_case, "shard": _shard_case}
+def _bench_case(*, device):
+    """The torchrun benchmark, run inside this group at a tiny size: it must report a passing check
+    and counted bytes equal to the formulas."""
+    import contextlib
+    import io
+
+    from attnkit.bench import distributed as bench
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.main(["--seqlen", "48", "--dim", "16", "--heads", "2,4", "--lightning-heads", "2", "--steps", "1",
+                    "--warmup", "0", "--dtype", "fp64"])
+    text = buf.getvalue()
+    if dist.get_rank() == 0:
+        assert "check vs single-process op: ok" in text, text
+        assert "!!" not in text and text.count("ring SQA") == 1 and text.count("lightning CP") == 1, text
+
+
+_CASES = {"ring": _ring_case, "lightning": _lightning_case, "shard": _shard_case, "bench": _bench_case}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -286,7 +304,7 @@ def test_needs_a_process_group():
 
 def test_gloo_two_ranks(tmp_path):
     # Shards of 74 rows (zigzag: two chunks of 37): no multiple of the core's 64-row tiles.
-    cases = [("shard", {})]
+    cases = [("shard", {}), ("bench", {})]
     cases += _ring_cases(148, [(torch.float64, 2, 4, "zigzag"), (torch.bfloat16, 4, 2, "contiguous")])
     cases += [
         ("lightning", dict(dtype=torch.float32, B=2, n=37, H=3, Dk=8, Dv=12, with_init=False, count=True)),

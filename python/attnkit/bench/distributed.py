@@ -29,7 +29,13 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 
 
 def _init():
+    """(backend, device, whether this call created the process group)."""
     cuda = torch.cuda.is_available()
+    if dist.is_initialized():  # called from a program that set up its group
+        backend = dist.get_backend()
+        cuda = backend == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        return backend, device, False
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:  # torchrun
         if cuda:
@@ -39,7 +45,7 @@ def _init():
         store = os.path.join(tempfile.mkdtemp(), "store")
         dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return backend, device
+    return backend, device, True
 
 
 def _sync(device):
@@ -167,12 +173,12 @@ def main(argv=None):
     p.add_argument("--no-check", dest="check", action="store_false")
     a = p.parse_args(argv)
     a.heads = tuple(int(x) for x in a.heads.split(","))
-    backend, device = _init()
+    backend, device, owned = _init()
     rank, world = dist.get_rank(), dist.get_world_size()
     gpu = device.type == "cuda"
     dtype = _DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
     a.seqlen = a.seqlen or (8192 if gpu else 1024)
-    if not gpu:
+    if not gpu and owned:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     rows = []
     for op in a.op.split(","):
@@ -190,12 +196,14 @@ def main(argv=None):
             print(f"{name:52} {t * 1e3:9.2f} {flops / t / 1e12:8.3f} {sent:16d} {pred:14d} {ok}")
             if sent != pred:
                 print(f"  !! counted bytes {sent} differ from the formula {pred}")
-        tol = {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 3e-2)
+        # float64 is bounded by the core's float32 lse, which the ring merges by.
+        tol = {torch.float64: 1e-6, torch.float32: 1e-4}.get(dtype, 3e-2)
         bad = [r[0] for r in rows if r[4] is not None and r[4] > tol]
         verdict = ("FAIL " + ", ".join(bad)) if bad else f"ok (max rel err <= {tol:g})"
         print("check vs single-process op:", verdict if a.check else "skipped")
     dist.barrier()
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
