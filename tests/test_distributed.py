@@ -335,7 +335,7 @@ def test_gloo_three_ranks(tmp_path):
 def test_nccl(tmp_path):
     world = min(torch.cuda.device_count(), 4)
     L = 2 * world * 100  # zigzag chunks of 100 rows
-    cases = _ring_cases(L, [], D=64, cpu=False)
+    cases = [("shard", {})] + _ring_cases(L, [], D=64, cpu=False)
     cases += [
         ("lightning", dict(dtype=torch.bfloat16, B=2, n=100, H=3, Dk=64, Dv=64, with_init=True, count=True)),
         ("lightning", dict(dtype=torch.float32, B=1, n=70, H=2, Dk=32, Dv=64, with_init=False)),

@@ -30,12 +30,11 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
 
 def _init():
     """(backend, device, whether this call created the process group)."""
-    cuda = torch.cuda.is_available()
     if dist.is_initialized():  # called from a program that set up its group
         backend = dist.get_backend()
-        cuda = backend == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
         return backend, device, False
+    cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     if "RANK" in os.environ:  # torchrun
         if cuda:
