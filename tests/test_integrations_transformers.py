@@ -461,3 +461,26 @@ def test_patch_rejects_non_modules_and_leaves_others_alone():
     model_cls, cfg = _llama()
     m = akt.patch(_eager(model_cls, cfg))
     assert m._attnkit_patched == [] and m.config._attn_implementation == "eager"
+
+
+# ------------------------------------------------------------------------------------------------
+# the end-to-end bench cases (registry op "models"): the gate passes at a tiny size
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "doge", "minimax"])
+def test_bench_model_case_gate_passes(family):
+    from attnkit.bench import cases as C
+    from attnkit.bench import cases_models as CM
+    from attnkit.bench.runner import Runner
+    from attnkit.bench.timing import TimingPolicy
+
+    assert "models" in C.REGISTRY
+    shape = dict(CM.model_shape(family, gpu=False), hidden=64, ffn=96, head_dim=16, vocab=97, keep=8)
+    case = CM.model_case(family, B=1, L=24, dtype=torch.float32, device="cpu", mode="fwd+bwd", shape=shape)
+    policy = TimingPolicy(warmup=1, min_reps=1, max_reps=1, target_s=0.001, flush_l2=False)
+    res = Runner("cpu", policy).run_case(case)
+    assert res.gate["status"] == "PASS", res.gate
+    assert res.gate["reference"] == "transformers-default"
+    assert set(res.gate["detail"]) == {"output", "dinputs_embeds"}
+    assert res.op_result.ms > 0 and res.flops > 0
