@@ -484,3 +484,30 @@ def test_bench_model_case_gate_passes(family):
     assert res.gate["reference"] == "transformers-default"
     assert set(res.gate["detail"]) == {"output", "dinputs_embeds"}
     assert res.op_result.ms > 0 and res.flops > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (bf16; the CUDA kernels take head dims 32..256)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "mistral", "minimax"])
+def test_cuda_bf16_logits_left_padded(family):
+    if family == "minimax":
+        eager = _minimax(seed=2)
+    else:
+        model_cls, cfg = FAMILIES[family]()
+        cfg.head_dim = 32
+        eager = _eager(model_cls, cfg, seed=2)
+    ref = _f64(eager)  # float64 on the CPU
+    eager = eager.to("cuda", torch.bfloat16)
+    ours = akt.patch(copy.deepcopy(eager)) if family == "minimax" else _attnkit(eager)
+    ids, mask = _left_padded(L=40, pad=(7, 0), seed=11)
+    with torch.no_grad():
+        out = ours(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+        e16 = eager(input_ids=ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+        r64 = ref(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert_close_fa(out[valid], r64[valid], e16[valid], 2e-2, f"{family} bf16 logits")
