@@ -403,6 +403,51 @@ def test_doge_patch_dense_mask_fallback():
     assert_close_fa(out[valid], r64[valid], e32[valid], ATOL, "doge logits, dense mask")
 
 
+def test_doge_patch_sliding_window_uses_dense_fallback(monkeypatch):
+    # dynamic_mask_attention has no window: a sliding-window Doge keeps its own dense mask, exactly
+    from transformers import DogeConfig, DogeForCausalLM
+
+    cfg = DogeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, keep_window_size=4, sliding_window=6,
+                     max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=False)
+    eager = _eager(DogeForCausalLM, cfg)
+    with torch.no_grad():
+        for layer in eager.model.layers:
+            layer.self_attn.A.copy_(torch.randn(layer.self_attn.A.shape, generator=torch.Generator().manual_seed(3)))
+    ours = akt.patch(copy.deepcopy(eager))
+    seen = _record_masks(monkeypatch)
+    ids, mask = _left_padded(L=14, pad=(3, 0), seed=6)
+    with torch.no_grad():
+        outs = [m(input_ids=ids, attention_mask=mask).logits for m in (ours, eager, _f64(eager))]
+    valid = mask.bool()
+    assert_close_fa(outs[0][valid], outs[2][valid], outs[1][valid], ATOL, "sliding doge logits")
+    assert seen == [(2, 1, 14, 14)]
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(eager.generate(ids, **kw), ours.generate(ids, **kw))
+
+
+@pytest.mark.parametrize("family", ["doge", "minimax"])
+def test_patched_training_step_gradients_match_eager(family):
+    eager = _doge(keep=6) if family == "doge" else _minimax()
+    ours = akt.patch(copy.deepcopy(eager)).train()
+    ref = _f64(eager).train()
+    eager.train()
+    ids, mask = _left_padded(L=12, pad=(3, 0), seed=2)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, :4] = -100  # as in test_training_step_gradients_match_eager
+    grads = []
+    for m in (ours, eager, ref):
+        m.zero_grad()
+        m(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    g_ours, g_eager, g_ref = grads
+    assert set(g_ours) == set(g_ref) and len(g_ref) > 10
+    if family == "doge":
+        assert "model.layers.0.self_attn.A" in g_ref  # the bias' parameter is trained through the op
+    for n in g_ref:
+        assert_close_fa(g_ours[n], g_ref[n], g_eager[n], ATOL, f"{family} grad {n}")
+
+
 def _minimax(seed=0, layer_types=("linear_attention", "full_attention")):
     from transformers import MiniMaxConfig, MiniMaxForCausalLM
 
