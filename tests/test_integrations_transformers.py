@@ -17,7 +17,6 @@ transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) != 5:
     pytest.skip("the integration targets transformers 5.x", allow_module_level=True)
 
-import attnkit  # noqa: E402
 from attnkit.integrations import transformers as akt  # noqa: E402
 from conftest import assert_close_fa, one_thread  # noqa: E402
 

@@ -267,7 +267,8 @@ def format_rows(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m attnkit.bench.e2e",
-                                 description="tokens/s and peak memory of small transformers models, attnkit vs default")
+                                 description="tokens/s and peak memory of small transformers models, "
+                                             "attnkit vs default attention")
     ap.add_argument("--families", default=",".join(FAMILIES))
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default=None)

@@ -72,7 +72,9 @@ def _require_transformers():
         ) from e
     major = int(transformers.__version__.split(".")[0])
     if major != 5:
-        raise ImportError(f"attnkit.integrations.transformers supports transformers 5.x, found {transformers.__version__}")
+        raise ImportError(
+            f"attnkit.integrations.transformers supports transformers 5.x, found {transformers.__version__}"
+        )
     return transformers
 
 
@@ -485,7 +487,8 @@ def patch(model):
                 _COMPACT_CONFIGS[id(cfg)] = cfg
         for m in model.modules():  # the model-level configs the mask builder sees
             cfg = getattr(m, "config", None)
-            if cfg is not None and getattr(cfg, "model_type", None) == "doge" and getattr(cfg, "sliding_window", None) is None:
+            is_doge = cfg is not None and getattr(cfg, "model_type", None) == "doge"
+            if is_doge and getattr(cfg, "sliding_window", None) is None:
                 _COMPACT_CONFIGS[id(cfg)] = cfg
     model._attnkit_patched = patched
     if patched:
