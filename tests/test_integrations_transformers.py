@@ -555,3 +555,25 @@ def test_cuda_bf16_logits_left_padded(family):
         r64 = ref(input_ids=ids, attention_mask=mask).logits
     valid = mask.bool()
     assert_close_fa(out[valid], r64[valid], e16[valid], 2e-2, f"{family} bf16 logits")
+
+
+def test_minimax_all_attnkit_cached_decode_with_padding():
+    # MiniMax sizes its full layers' mask from its first (linear) cache layer, which holds no keys; on
+    # "attnkit" the decode steps still exclude the padding: they match full forwards without a cache
+    from transformers.models.minimax.modeling_minimax import MiniMaxCache
+
+    eager = _minimax(seed=3)
+    ours = copy.deepcopy(eager)
+    ours.set_attn_implementation(akt.register())
+    akt.patch(ours)
+    ids, mask = _left_padded(L=14, pad=(4, 0), seed=12)
+    cache = MiniMaxCache()
+    with torch.no_grad():
+        ours(input_ids=ids[:, :11], attention_mask=mask[:, :11], cache=cache, use_cache=True)
+        # explicit positions: MiniMax counts the cache's length on its first (linear) layer, which is 0
+        steps = [ours(input_ids=ids[:, t:t + 1], attention_mask=mask[:, :t + 1], position_ids=torch.tensor([[t]]),
+                      cache=cache, use_cache=True).logits for t in range(11, 14)]
+        out = torch.cat(steps, 1)
+        e32 = eager(input_ids=ids, attention_mask=mask).logits[:, 11:]
+        r64 = _f64(eager)(input_ids=ids, attention_mask=mask).logits[:, 11:]
+    assert_close_fa(out, r64, e32, ATOL, "minimax cached decode, attnkit everywhere")

@@ -142,6 +142,13 @@ def attnkit_mask(
         and isinstance(kv_offset, int)
         and kv_offset + kv_length == q_offset + q_length
     )
+    if compact and aligned and attention_mask is not None and attention_mask.dim() == 2:
+        seen = attention_mask.shape[-1]
+        if kind == "causal" and kv_offset == 0 and q_offset == 0 and kv_length == q_length < seen:
+            # sizes read from a cache layer that holds no keys (MiniMax sizes its full-attention mask
+            # from its first, linear, layer): the 2-D mask covers every token a full layer has seen.
+            # The attention function checks that its keys are exactly these tokens.
+            kv_length = seen
     if compact and aligned:
         if attention_mask is None:
             return None
