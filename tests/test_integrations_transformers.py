@@ -337,7 +337,7 @@ def test_register_is_idempotent_and_import_is_lazy():
     assert AttentionMaskInterface._global_mapping["attnkit"] is akt.attnkit_mask
     import subprocess
 
-    code = "import sys, attnkit, attnkit.integrations; assert 'transformers' not in sys.modules"
+    code = "import sys, attnkit, attnkit.integrations, attnkit.bench; assert 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})
 
 
