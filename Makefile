@@ -6,7 +6,7 @@ PYTHON ?=
 VENV   := .venv
 JOBS   ?= $(shell nproc 2>/dev/null || echo 2)
 TORCH_SPEC ?= torch>=2.10,<2.15
-BUILD_DEPS := "scikit-build-core>=0.10" ninja "cmake>=3.26" pytest hypothesis numpy expecttest pytest-benchmark matplotlib rich
+BUILD_DEPS := "scikit-build-core>=0.10" ninja "cmake>=3.26" pytest hypothesis numpy expecttest pytest-benchmark matplotlib rich "transformers>=5,<6"
 
 ifeq ($(strip $(PYTHON)),)
 PY    := $(VENV)/bin/python
