@@ -515,7 +515,7 @@ def test_patch_rejects_non_modules_and_leaves_others_alone():
 @pytest.mark.parametrize("family", ["llama", "doge", "minimax"])
 def test_bench_model_case_gate_passes(family):
     from attnkit.bench import cases as C
-    from attnkit.bench import cases_models as CM
+    from attnkit.bench.cases import models as CM
     from attnkit.bench.runner import Runner
     from attnkit.bench.timing import TimingPolicy
 

@@ -6,4 +6,3 @@
 """
 
 from .cases import REGISTRY, Case, Impl, SuiteConfig, available_ops, build_suite  # noqa: F401
-from . import cases_models  # noqa: F401,E402  (registers the end-to-end "models" op; transformers stays unimported)

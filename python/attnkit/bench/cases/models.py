@@ -22,8 +22,8 @@ import copy
 
 import torch
 
-from .cases import Case, Impl, SuiteConfig, _gen, causal_pairs, kept_pairs, register, seqlens
-from .timing import TimingPolicy, measure, peak_memory_bytes
+from . import Case, Impl, SuiteConfig, _gen, causal_pairs, kept_pairs, register, seqlens
+from ..timing import TimingPolicy, measure, peak_memory_bytes
 
 FAMILIES = ("llama", "doge", "minimax")
 _HALF = (torch.float16, torch.bfloat16)
