@@ -32,6 +32,9 @@ $(VENV)/.attnkit-setup: pyproject.toml Makefile
 build: $(SETUP)
 	$(PY) -m pip install -q --no-build-isolation --no-deps .
 
+# The test suite also exercises the test-only ops (ATTNKIT_TEST_OPS); a plain build leaves them out.
+test dev devtest: export ATTNKIT_TEST_OPS := 1
+
 test: build
 	$(PY) -m pytest -q tests
 
@@ -45,7 +48,8 @@ info: build
 # ATTNKIT_CUDA=off make dev  skips the (slow) CUDA compile while iterating on CPU code.
 dev: $(SETUP)
 	$(PY) -m cmake -S . -B build/dev -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE=$$($(PY) -c 'import sys; print(sys.executable)') \
-	  -DATTNKIT_CUDA=$${ATTNKIT_CUDA:-auto} -DATTNKIT_CUDA_ARCHS="$${ATTNKIT_CUDA_ARCHS:-8.0;9.0}"
+	  -DATTNKIT_CUDA=$${ATTNKIT_CUDA:-auto} -DATTNKIT_CUDA_ARCHS="$${ATTNKIT_CUDA_ARCHS:-8.0;9.0}" \
+	  -DATTNKIT_TEST_OPS=$${ATTNKIT_TEST_OPS:-OFF}
 	$(PY) -m cmake --build build/dev -j $(JOBS)
 	cp build/dev/_C*.so python/attnkit/
 

@@ -20,10 +20,10 @@
 #include <queue>
 #include <vector>
 
-#include "dma/dma_host.h"
+#include "dma/dma_api.h"
 #include "flash/flash_api.h"
 #include "flash/flash_cpu.h"
-#include "sqa/sqa_checks.h"
+#include "flash/flash_checks.h"
 
 namespace attnkit::dma {
 namespace {
@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& thr, const at::Tensor& tie,
     const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
   check_dma_inputs(q, k, v, bias, false);
-  sqa::check_sqa_backward_inputs(dout, q, k, out, lse);
+  flash::check_backward_inputs(dout, q, k, out, lse);
   check_mask_inputs(q, k, thr, tie, bwd_list, bwd_count, false);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const at::Tensor bias32 = bias.to(at::kFloat).contiguous();
@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cpu(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias, const at::Tensor& out,
     const at::Tensor& lse, bool causal, double scale, bool need_dbias) {
   check_masked_bias_inputs(q, k, v, attn_mask, attn_bias, false);
-  sqa::check_sqa_backward_inputs(dout, q, k, out, lse);
+  flash::check_backward_inputs(dout, q, k, out, lse);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   const CoreBias cb = make_core_bias(q, k, attn_mask, attn_bias);
   const bool want_dbias = need_dbias && attn_bias.has_value();

@@ -7,11 +7,11 @@
 
 #include <limits>
 
-#include "dma/dma_host.h"
-#include "dma/dma_select_cuda.h"
+#include "dma/dma_api.h"
+#include "dma/dma_cuda.h"
 #include "flash/flash.h"
 #include "flash/flash_api.h"
-#include "sqa/sqa_checks.h"
+#include "flash/flash_checks.h"
 
 namespace attnkit::dma {
 namespace {
@@ -104,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
     const at::Tensor& tie, const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count,
     bool causal, double scale) {
   check_dma_inputs(q_in, k_in, v_in, bias, /*for_cuda_kernel=*/true);
-  sqa::check_sqa_backward_inputs(dout_in, q_in, k_in, out_in, lse);
+  flash::check_backward_inputs(dout_in, q_in, k_in, out_in, lse);
   check_mask_inputs(q_in, k_in, thr, tie, bwd_list, bwd_count, false);
   check_lists_contiguous(bwd_list, bwd_count, "bwd_list");
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -193,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
     const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias, const at::Tensor& out_in,
     const at::Tensor& lse, bool causal, double scale, bool need_dbias) {
   check_masked_bias_inputs(q_in, k_in, v_in, attn_mask, attn_bias, /*for_cuda_kernel=*/true);
-  sqa::check_sqa_backward_inputs(dout_in, q_in, k_in, out_in, lse);
+  flash::check_backward_inputs(dout_in, q_in, k_in, out_in, lse);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   const at::Tensor dout = flash::cuda_aligned(dout_in), out = flash::cuda_aligned(out_in);

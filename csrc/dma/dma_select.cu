@@ -22,8 +22,8 @@
 #include <cstdint>
 
 #include "common/launch.cuh"
-#include "dma/dma_select.h"
-#include "dma/dma_select_cuda.h"
+#include "dma/dma_params.h"
+#include "dma/dma_cuda.h"
 #include "flash/flash.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -393,7 +393,7 @@ __global__ void k_compact_rows(const uint8_t* __restrict__ flags, int64_t rows, 
       if (on && pos < width) out[pos] = col;
       c += __popc(m);
     }
-    c = min(c, width);  // cannot trigger: width bounds the count (dma_select.h)
+    c = min(c, width);  // cannot trigger: width bounds the count (dma_params.h)
     for (int t = c + lane; t < width; t += 32) out[t] = -1;
     if (lane == 0) count[row] = c;
   }

@@ -29,9 +29,11 @@
 #pragma once
 #include <cstdint>
 
+#include "common/elem_type.h"
+
 namespace attnkit::flash {
 
-enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+using ::attnkit::ElemType;
 
 struct FlashParams {
   // ---- shapes ----

@@ -9,7 +9,7 @@
 #include <cmath>
 #include <vector>
 
-#include "lightning/lightning_ops.h"
+#include "lightning/lightning_api.h"
 
 namespace attnkit::lightning {
 namespace {

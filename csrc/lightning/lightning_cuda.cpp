@@ -1,4 +1,4 @@
-// Lightning attention: CUDA registration. The op logic is device-agnostic (lightning_ops.cpp); this
+// Lightning attention: CUDA registration. The op logic is device-agnostic (lightning_api.cpp); this
 // file supplies the CUDA backend (planning, launches on the current stream, error checks).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "lightning/lightning_cuda.h"
-#include "lightning/lightning_ops.h"
+#include "lightning/lightning_api.h"
 
 namespace attnkit::lightning {
 namespace {

@@ -1,11 +1,7 @@
-// Entry points of the lightning attention CUDA kernels (torch-free; implemented in lightning_misc.cu
-// and the lightning_pass_*.cu instantiations, called by lightning_cuda.cpp).
+// Entry points of the lightning attention CUDA kernels (torch-free; implemented in lightning_launch.cu
+// and the inst/lightning_pass_*.cu instantiations, called by lightning_cuda.cpp).
 #pragma once
-#ifdef LT_EMULATE
-#include "emu_cuda.h"
-#else
 #include <cuda_runtime.h>
-#endif
 
 #include <cstdint>
 

@@ -1,10 +1,10 @@
 // Lightning attention CUDA kernels: the chunk pass (lightning_params.h), the segment scan, the d slopes
-// reduction and the decode step. Included by the per-instantiation .cu files and by lightning_misc.cu.
+// reduction and the decode step. Included by the per-instantiation .cu files and by lightning_launch.cu.
 //
 // Tensor cores: 16-bit inputs use mma.sync.m16n8k16 (fp32 accumulators) fed by ldmatrix from shared
 // memory; fp32 inputs run the same code with a plain-FMA "mma" over the same fragment layout.
-// The host launch code sits at the end. With LT_EMULATE defined the file compiles as host C++ against
-// tests/cuda_emu/emu_cuda.h, which runs the kernels on the CPU thread by thread (a test harness).
+// The host launch code sits at the end. The CPU emulator (tests/cuda_emu) compiles this file as host
+// C++ through the hooks of common/ (mma.cuh, launch.cuh) and its stand-in CUDA headers.
 //
 // Pass kernel, one thread block per (sequence*head, o' column slab of bv, segment), BT/16 warps:
 //   per chunk of BT rows: load q' (BT x dk), k' (BT x dk), v' (BT x bv) into shared memory;
@@ -23,17 +23,14 @@
 
 #include "lightning/lightning_params.h"
 
-#ifdef LT_EMULATE
-#include "emu_cuda.h"
-#define LT_DEV inline
-#define LT_DYNAMIC_SMEM(name) char* name = ::emu::dynamic_smem()
-#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include "common/launch.cuh"
+#include "common/mma.cuh"
+
 #define LT_DEV __device__ __forceinline__
-#define LT_DYNAMIC_SMEM(name) extern __shared__ __align__(16) char name[]
-#endif
 
 namespace attnkit::lightning::kern {
 
@@ -90,45 +87,12 @@ LT_DEV uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 }
 
 // ------------------------------------------------------------------------------------------------
-// Warp-level primitives (inline PTX), and their emulation
+// Warp-level helpers (ldmatrix / mma.sync: common/mma.cuh)
 // ------------------------------------------------------------------------------------------------
 
 LT_DEV int lane_id() { return int(threadIdx.x) & 31; }
 
-#ifndef LT_EMULATE
-// Four 8x8 16-bit matrices; lane l gives the address of row (l % 8) of matrix (l / 8). Register i
-// receives matrix i's elements (row l/4, cols 2(l%4), 2(l%4)+1), or with .trans its transpose's.
-LT_DEV void ldsm_x4(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-LT_DEV void ldsm_x4_t(uint32_t (&r)[4], const void* smem_row) {
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(a));
-}
-// D = A B + C, A 16x16 (row), B 16x8 (col), fp32 C/D.
-template <typename T>
-LT_DEV void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]);
-template <>
-LT_DEV void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-template <>
-LT_DEV void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
+// ldmatrix and mma.sync come from common/mma.cuh (ldmatrix_x4, ldmatrix_x4_trans, MmaOp<T>::run).
 LT_DEV float warp_sum(float x) {
 #pragma unroll
   for (int m = 16; m > 0; m >>= 1) x += __shfl_xor_sync(0xffffffffu, x, m);
@@ -141,18 +105,6 @@ LT_DEV float warp_max(float x) {
 }
 LT_DEV void copy16(void* dst, const void* src) { *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src); }
 LT_DEV void zero16(void* dst) { *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0); }
-#else
-LT_DEV void ldsm_x4(uint32_t (&r)[4], const void* p) { ::emu::ldmatrix_x4(r, p, false); }
-LT_DEV void ldsm_x4_t(uint32_t (&r)[4], const void* p) { ::emu::ldmatrix_x4(r, p, true); }
-template <typename T>
-LT_DEV void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-  ::emu::mma_m16n8k16<T>(c, a, b);
-}
-LT_DEV float warp_sum(float x) { return ::emu::warp_sum(x); }
-LT_DEV float warp_max(float x) { return ::emu::warp_max(x); }
-LT_DEV void copy16(void* dst, const void* src) { std::memcpy(dst, src, 16); }
-LT_DEV void zero16(void* dst) { std::memset(dst, 0, 16); }
-#endif
 
 // ------------------------------------------------------------------------------------------------
 // MMA operands from shared memory. Accumulators use mma.m16n8k16's C layout for every element type:
@@ -171,18 +123,18 @@ struct Mma {  // 16-bit: ldmatrix + mma.sync
   // A[m][k] = s[m * ld + k], rows m0.., cols k0..
   static LT_DEV void ld_a(FA& f, const T* s, int ld, int m0, int k0) {
     const int l = lane_id(), mi = l >> 3, r = l & 7;
-    ldsm_x4(f.r, s + (m0 + r + (mi & 1) * 8) * ld + k0 + (mi >> 1) * 8);
+    ::attnkit::ldmatrix_x4(f.r, s + (m0 + r + (mi & 1) * 8) * ld + k0 + (mi >> 1) * 8);
   }
   // A[m][k] = s[k * ld + m]
   static LT_DEV void ld_a_t(FA& f, const T* s, int ld, int m0, int k0) {
     const int l = lane_id(), mi = l >> 3, r = l & 7;
-    ldsm_x4_t(f.r, s + (k0 + r + (mi >> 1) * 8) * ld + m0 + (mi & 1) * 8);
+    ::attnkit::ldmatrix_x4_trans(f.r, s + (k0 + r + (mi >> 1) * 8) * ld + m0 + (mi & 1) * 8);
   }
   // Two n-tiles (n0, n0 + 8) of B[k][n] = s[n * ld + k].
   static LT_DEV void ld_b2_n(FB (&f)[2], const T* s, int ld, int n0, int k0) {
     const int l = lane_id(), mi = l >> 3, r = l & 7;
     uint32_t x[4];
-    ldsm_x4(x, s + (n0 + r + (mi >> 1) * 8) * ld + k0 + (mi & 1) * 8);
+    ::attnkit::ldmatrix_x4(x, s + (n0 + r + (mi >> 1) * 8) * ld + k0 + (mi & 1) * 8);
     f[0].r[0] = x[0];
     f[0].r[1] = x[1];
     f[1].r[0] = x[2];
@@ -192,7 +144,7 @@ struct Mma {  // 16-bit: ldmatrix + mma.sync
   static LT_DEV void ld_b2_k(FB (&f)[2], const T* s, int ld, int k0, int n0) {
     const int l = lane_id(), mi = l >> 3, r = l & 7;
     uint32_t x[4];
-    ldsm_x4_t(x, s + (k0 + r + (mi & 1) * 8) * ld + n0 + (mi >> 1) * 8);
+    ::attnkit::ldmatrix_x4_trans(x, s + (k0 + r + (mi & 1) * 8) * ld + n0 + (mi >> 1) * 8);
     f[0].r[0] = x[0];
     f[0].r[1] = x[1];
     f[1].r[0] = x[2];
@@ -205,7 +157,9 @@ struct Mma {  // 16-bit: ldmatrix + mma.sync
     f.r[0] = pack2<T>(sc * p[0], sc * p[ld]);
     f.r[1] = pack2<T>(sc * p[8 * ld], sc * p[9 * ld]);
   }
-  static LT_DEV void mma(float (&c)[4], const FA& a, const FB& b) { mma16816<T>(c, a.r, b.r); }
+  static LT_DEV void mma(float (&c)[4], const FA& a, const FB& b) {
+    ::attnkit::MmaOp<T>::run(c, a.r, b.r[0], b.r[1]);
+  }
 };
 
 template <>
@@ -378,7 +332,7 @@ __global__ void __launch_bounds__(BT / 16 * 32) pass_kernel(const PassParams p, 
   const int bvv = p.dv - e0 < p.bv ? p.dv - e0 : p.bv;  // valid o' columns of this slab
   const int bvp = (bvv + 15) / 16 * 16;
   const int nnt = bvp / 8;
-  LT_DYNAMIC_SMEM(smem);
+  ATTNKIT_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem + L.off_q);
   T* sK = reinterpret_cast<T*>(smem + L.off_k);
   T* sV = reinterpret_cast<T*>(smem + L.off_v);
@@ -755,21 +709,11 @@ constexpr int kDecodeBatch = 4;  // rows in flight per thread
 struct F4 {
   float x, y, z, w;
 };
-#ifndef LT_EMULATE
 LT_DEV F4 ld4(const float* p) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
 LT_DEV void st4(float* p, const F4& v) { *reinterpret_cast<float4*>(p) = make_float4(v.x, v.y, v.z, v.w); }
-#else
-LT_DEV F4 ld4(const float* p) { return {p[0], p[1], p[2], p[3]}; }
-LT_DEV void st4(float* p, const F4& v) {
-  p[0] = v.x;
-  p[1] = v.y;
-  p[2] = v.z;
-  p[3] = v.w;
-}
-#endif
 
 template <typename T>
 __global__ void __launch_bounds__(kDecodeCols / 4 * kDecodeRows) decode_kernel(const DecodeParams p) {
@@ -852,11 +796,6 @@ __global__ void __launch_bounds__(kDecodeCols / 4 * kDecodeRows) decode_kernel(c
 // Host launch code
 // ------------------------------------------------------------------------------------------------
 
-#ifdef LT_EMULATE
-#define LT_LAUNCH(kernel, grid, block, smem, stream, ...) ::emu::launch(kernel, grid, block, smem, __VA_ARGS__)
-#else
-#define LT_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
-#endif
 
 // Runs a planned pass: state-only phase and scan when split, then the main phase.
 template <typename T, int BT>
@@ -868,26 +807,27 @@ cudaError_t launch_pass(const PassParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.num_seqs) * unsigned(p.num_heads), unsigned(p.num_slabs), unsigned(p.num_segments));
   const dim3 block(BT / 16 * 32);
   if (p.num_segments > 1) {
-    LT_LAUNCH(kernel, grid, block, L.total, stream, p, 0);
+    ATTNKIT_LAUNCH_KERNEL(kernel, grid, block, L.total, stream, p, 0);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
     const dim3 sgrid(unsigned(p.num_seqs) * unsigned(p.num_heads), unsigned((p.dk * p.dv + 255) / 256));
-    LT_LAUNCH(scan_kernel<0>, sgrid, dim3(256), 0, stream, p);
+    ATTNKIT_LAUNCH_KERNEL(scan_kernel<0>, sgrid, dim3(256), 0, stream, p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
-  LT_LAUNCH(kernel, grid, block, L.total, stream, p, 1);
+  ATTNKIT_LAUNCH_KERNEL(kernel, grid, block, L.total, stream, p, 1);
   return cudaGetLastError();
 }
 
 template <int kUnused = 0>
 cudaError_t launch_reduce_dslopes(const PassParams& p, float* dslopes, cudaStream_t stream) {
-  LT_LAUNCH(reduce_dslopes_kernel<0>, dim3(unsigned(p.num_heads)), dim3(kReduceThreads), 0, stream, p, dslopes);
+  ATTNKIT_LAUNCH_KERNEL(reduce_dslopes_kernel<0>, dim3(unsigned(p.num_heads)), dim3(kReduceThreads), 0, stream, p,
+                        dslopes);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const dim3 grid(unsigned(p.batch) * unsigned(p.num_heads), unsigned((p.dv + kDecodeCols - 1) / kDecodeCols));
-  LT_LAUNCH(decode_kernel<T>, grid, dim3(kDecodeCols / 4, kDecodeRows), 0, stream, p);
+  ATTNKIT_LAUNCH_KERNEL(decode_kernel<T>, grid, dim3(kDecodeCols / 4, kDecodeRows), 0, stream, p);
   return cudaGetLastError();
 }
 

@@ -15,7 +15,7 @@
 // and accumulates  dlambda = sum_tau dout[row] . (out_scale * q'[row] . T_tau) + <dfinal, T_{len-1}>
 // into dlambda_partial (one float per block; the caller sums them). o is not written then.
 //
-// The ops are compositions of passes (see lightning_ops.cpp):
+// The ops are compositions of passes (see lightning_api.cpp):
 //   forward   q'=q,  k'=k,  v'=v,            init=S0,        -> o, final
 //   dq        q'=do, k'=v,  v'=k,            init=S0^T       -> dq
 //   dv (rev)  q'=k,  k'=q,  v'=scale*do,     init=dfinal, shifts 1 -> dv, d initial_state
@@ -30,6 +30,8 @@
 #pragma once
 #include <cstdint>
 
+#include "common/elem_type.h"
+
 #if defined(__CUDACC__)
 #define LT_HOST_DEVICE __host__ __device__
 #else
@@ -38,7 +40,7 @@
 
 namespace attnkit::lightning {
 
-enum class ElemType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+using ::attnkit::ElemType;
 
 // A [rows, heads, dim] activation (batch folded into rows when cu_seqlens is used).
 struct SeqTensor {

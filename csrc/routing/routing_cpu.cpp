@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "flash/flash_cpu.h"
-#include "routing/routing_host.h"
+#include "routing/routing_api.h"
 
 namespace attnkit::routing {
 namespace {

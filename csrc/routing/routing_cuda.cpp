@@ -7,8 +7,8 @@
 
 #include "common/static_switch.h"
 #include "flash/flash.h"
-#include "routing/routing_host.h"
-#include "routing/routing_params.h"
+#include "routing/routing_api.h"
+#include "routing/routing_cuda.h"
 
 namespace attnkit::routing {
 namespace {

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "common/launch.cuh"
-#include "routing/routing_params.h"
+#include "routing/routing_cuda.h"
 
 namespace attnkit::routing {
 

@@ -1,21 +1,18 @@
-// Sparse Query Attention, CPU: checks the inputs and runs the flash core's CPU implementation.
+// Sparse Query Attention, CPU: runs the flash core's CPU implementation; TORCH_LIBRARY_IMPL(attnkit, CPU).
 // q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; out [B, Lq, max(Hq, Hkv), D]; lse [B, max(Hq, Hkv), Lq] fp32.
 #include <torch/all.h>
 
-#include "common/checks.h"
 #include "flash/flash_api.h"
 #include "flash/flash_cpu.h"
-#include "sqa/sqa_checks.h"
+#include "sqa/sqa_api.h"
 
 namespace attnkit::sqa {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sqa_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                bool causal, double scale) {
-  check_sqa_inputs(q, k, v);
-  flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
-  auto [out, lse] = flash::alloc_output(p, q);
-  flash::set_output(p, out, lse);
+  check_fwd_inputs(q, k, v, /*for_cuda_kernel=*/false);
+  auto [p, out, lse] = fwd_setup(q, k, v, causal, scale);
   flash::flash_fwd_cpu(p);
   return {out, lse};
 }
@@ -24,8 +21,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sqa_bwd_cpu(const at::Tensor& dou
                                                            const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& out, const at::Tensor& lse, bool causal,
                                                            double scale) {
-  check_sqa_inputs(q, k, v);
-  check_sqa_backward_inputs(dout, q, k, out, lse);
+  check_bwd_inputs(dout, q, k, v, out, lse, /*for_cuda_kernel=*/false);
   flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);

@@ -1,4 +1,4 @@
-// Sparse Query Attention, CUDA: checks the inputs and runs the flash core's kernels.
+// Sparse Query Attention, CUDA: runs the flash core's kernels; TORCH_LIBRARY_IMPL(attnkit, CUDA).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -6,19 +6,17 @@
 
 #include "flash/flash.h"
 #include "flash/flash_api.h"
-#include "sqa/sqa_checks.h"
+#include "sqa/sqa_api.h"
 
 namespace attnkit::sqa {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> sqa_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                 const at::Tensor& v_in, bool causal, double scale) {
-  check_sqa_inputs(q_in, k_in, v_in, /*for_cuda_kernel=*/true);
+  check_fwd_inputs(q_in, k_in, v_in, /*for_cuda_kernel=*/true);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
-  flash::FlashParams p = flash::make_params(q, k, v, scale, causal);
-  auto [out, lse] = flash::alloc_output(p, q);
-  flash::set_output(p, out, lse);
+  auto [p, out, lse] = fwd_setup(q, k, v, causal, scale);
   flash::flash_fwd(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
@@ -28,8 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sqa_bwd_cuda(const at::Tensor& do
                                                             const at::Tensor& k_in, const at::Tensor& v_in,
                                                             const at::Tensor& out_in, const at::Tensor& lse,
                                                             bool causal, double scale) {
-  check_sqa_inputs(q_in, k_in, v_in, /*for_cuda_kernel=*/true);
-  check_sqa_backward_inputs(dout_in, q_in, k_in, out_in, lse);
+  check_bwd_inputs(dout_in, q_in, k_in, v_in, out_in, lse, /*for_cuda_kernel=*/true);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   const at::Tensor dout = flash::cuda_aligned(dout_in), out = flash::cuda_aligned(out_in);

@@ -5,7 +5,7 @@
 // shuffles: data exchanged through per-warp buffers between two warp barriers) behave as on the GPU.
 // The warp-level operations follow the PTX ISA's fragment layouts for ldmatrix.m8n8.x4(.trans) and
 // mma.m16n8k16 (f16/bf16 inputs, f32 accumulators). __half / __nv_bfloat16 round to nearest even.
-// Only what the lightning kernels use is provided. Shared memory starts filled with a garbage pattern,
+// Only what attnkit's kernels use is provided. Shared memory starts filled with a garbage pattern,
 // so reading it before writing shows up in the results.
 #pragma once
 
@@ -134,6 +134,11 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline unsigned short __half_as_ushort(__half h) { return h.bits; }
 inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
 

@@ -4,9 +4,16 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#define LT_EMULATE 1
-#include "lightning/lightning_misc.cu"
-#include "lightning/lightning_ops.cpp"
+#define ATTNKIT_CUDA_EMU 1
+#include "lightning/lightning_launch.cu"
+// the pass instantiations (each its own translation unit under nvcc)
+#include "lightning/inst/lightning_pass_bf16_bt32.cu"
+#include "lightning/inst/lightning_pass_bf16_bt64.cu"
+#include "lightning/inst/lightning_pass_f16_bt32.cu"
+#include "lightning/inst/lightning_pass_f16_bt64.cu"
+#include "lightning/inst/lightning_pass_f32_bt32.cu"
+#include "lightning/inst/lightning_pass_f32_bt64.cu"
+#include "lightning/lightning_api.cpp"
 
 namespace attnkit::lightning {
 namespace {
@@ -29,15 +36,11 @@ const Backend& emu_backend() {
 }  // namespace attnkit::lightning
 
 TORCH_LIBRARY(attnkit_emu, m) {
+  // every schema of attnkit (op_schemas.h); only this file's ops get an implementation
+#define ATTNKIT_OP(schema) m.def(schema);
+#include "op_schemas.h"
+#undef ATTNKIT_OP
   using namespace attnkit::lightning;
-  m.def(
-      "lightning_fwd(Tensor q, Tensor k, Tensor v, Tensor slopes, float scale, Tensor? initial_state,"
-      " Tensor? cu_seqlens, int block_size, int num_splits) -> (Tensor o, Tensor final_state)");
-  m.def(
-      "lightning_bwd(Tensor dout, Tensor? dfinal_state, Tensor q, Tensor k, Tensor v, Tensor slopes, float scale,"
-      " Tensor? initial_state, Tensor? cu_seqlens, int block_size, int num_splits, bool compute_dslopes)"
-      " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dslopes, Tensor dinitial_state)");
-  m.def("lightning_decode(Tensor q, Tensor k, Tensor v, Tensor state, Tensor slopes, float scale) -> (Tensor o, Tensor new_state)");
   m.impl("lightning_fwd", [](const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slopes,
                              double scale, const std::optional<at::Tensor>& init, const std::optional<at::Tensor>& cu,
                              int64_t block_size, int64_t num_splits) {

@@ -1,5 +1,5 @@
 // The PTX primitives of csrc/common/mma.cuh on the CPU emulator (included by mma.cuh when
-// ATTNKIT_CUDA_EMU is defined): cp.async with zero fill, commit / wait_group, ldmatrix x4 (.trans).
+// ATTNKIT_CUDA_EMU is defined): cp.async with zero fill, commit / wait_group, ldmatrix x4 (.trans), mma.m16n8k16.
 //
 // cp.async: every thread keeps its own queue of copy groups. In the default "late" mode a copy lands
 // only when a cp.async.wait_group that covers its group executes (the latest moment PTX allows), so a
@@ -62,5 +62,9 @@ inline void cp_async_wait() {
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, false); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) { emu::ldmatrix_x4(r, smem, true); }
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::mma_m16n8k16<T>(c, a, {b0, b1});
+}
 
 }  // namespace attnkit

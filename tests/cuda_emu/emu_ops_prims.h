@@ -1,6 +1,6 @@
 // Extra CUDA device intrinsics for the op-layer kernels (routing) on the CPU emulator
 // (tests/cuda_emu/run_ops_e2e.py): warp votes / matches / integer shuffles exchanged through the
-// per-warp buffers of emu_cuda.h, 32/64-bit atomics, float4 and a few math functions.
+// per-warp buffers of emu_cuda.h, 32/64-bit atomics and a few math functions.
 #pragma once
 #include <atomic>
 #include <bit>
@@ -76,11 +76,6 @@ inline float sqrtf(float x) { return std::sqrt(x); }
 using std::isnan;
 using std::max;
 using std::min;
-
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 
 inline int atomicAdd(int* a, int v) { return std::atomic_ref<int>(*a).fetch_add(v); }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {

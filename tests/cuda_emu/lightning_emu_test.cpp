@@ -1,13 +1,20 @@
 // Runs attnkit's lightning attention CUDA kernels (csrc/lightning/) on the CPU through emu_cuda.h and
 // checks them against a float64 recurrence written from the pass semantics of lightning_params.h.
 // Build and run: tests/cuda_emu/run.sh. Exit status 0 when every case passes.
-#define LT_EMULATE 1
+#define ATTNKIT_CUDA_EMU 1
 #include <algorithm>
 #include <cstdio>
 #include <random>
 #include <string>
 
-#include "lightning/lightning_misc.cu"
+#include "lightning/lightning_launch.cu"
+// the pass instantiations (each its own translation unit under nvcc)
+#include "lightning/inst/lightning_pass_bf16_bt32.cu"
+#include "lightning/inst/lightning_pass_bf16_bt64.cu"
+#include "lightning/inst/lightning_pass_f16_bt32.cu"
+#include "lightning/inst/lightning_pass_f16_bt64.cu"
+#include "lightning/inst/lightning_pass_f32_bt32.cu"
+#include "lightning/inst/lightning_pass_f32_bt64.cu"
 
 using namespace attnkit::lightning;
 

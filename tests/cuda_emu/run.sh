@@ -5,6 +5,6 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$here/../.."
 out="${TMPDIR:-/tmp}/attnkit_lightning_emu"
-${CXX:-g++} -std=c++20 -O1 -g -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$root/csrc" -I"$here" \
+${CXX:-g++} -std=c++20 -O1 -g -pthread -Wall -Wno-unused-function -Wno-unknown-pragmas -I"$here/cuda_include" -I"$root/csrc" -I"$here" \
   "$here/lightning_emu_test.cpp" -o "$out"
 "$out" "$@"

@@ -30,7 +30,7 @@ from attnkit.reference import lightning_attention_reference as ref  # noqa: E402
 load(
     name="attnkit_lightning_emu",
     sources=[str(here / "emu_ext.cpp")],
-    extra_include_paths=[str(root / "csrc"), str(here)],
+    extra_include_paths=[str(here / "cuda_include"), str(root / "csrc"), str(here)],  # stand-in CUDA headers first
     extra_cflags=["-std=c++20", "-O1", "-Wno-unknown-pragmas"],
     build_directory=os.environ.get("EMU_BUILD_DIR") or None,
     verbose=False,

@@ -18,7 +18,7 @@ if [[ ! -f "$out/flash_cpu.o" || "$root/csrc/flash/flash_cpu.cpp" -nt "$out/flas
   "$cxx" "${common[@]}" -O2 -c "$root/csrc/flash/flash_cpu.cpp" -o "$out/flash_cpu.o"
 fi
 # the emulated kernels: the stand-in CUDA headers come first on the include path
-"$cxx" "${common[@]}" -O1 -Wall -Wno-unused-function -Wno-unknown-pragmas -Wno-sign-compare -I"$here/flash_include" -I"$here" \
+"$cxx" "${common[@]}" -O1 -Wall -Wno-unused-function -Wno-unknown-pragmas -Wno-sign-compare -I"$here/cuda_include" -I"$here" \
   -c "$here/flash_emu_test.cpp" -o "$out/flash_emu_test.o"
 "$cxx" -pthread "$out/flash_emu_test.o" "$out/flash_cpu.o" -L"$torch_dir/lib" -Wl,-rpath,"$torch_dir/lib" \
   -ltorch_cpu -lc10 -o "$out/flash_emu_test"

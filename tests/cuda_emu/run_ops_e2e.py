@@ -34,9 +34,9 @@ load(
     sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
                                      "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp",
                                      "emu_ops_dma_select.cpp")]
-    + [str(root / "csrc/flash/flash_api.cpp"), str(root / "csrc/dma/dma_host.cpp")],
+    + [str(root / f) for f in ("csrc/flash/flash_api.cpp", "csrc/sqa/sqa_api.cpp", "csrc/dma/dma_api.cpp")],
     # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
-    extra_include_paths=[str(here / "ops_include"), str(here / "flash_include"), str(here), str(root / "csrc")],
+    extra_include_paths=[str(here / "ops_include"), str(here / "cuda_include"), str(here), str(root / "csrc")],
     extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
     extra_ldflags=["-pthread"],
     build_directory=os.environ.get("EMU_BUILD_DIR") or None,

@@ -7,9 +7,8 @@
 
 namespace attnkit::lightning {
 
-#ifndef LT_EMULATE  // (the emulator instantiates everything in its one translation unit)
 namespace kern {
-// Defined in lightning_pass_*.cu.
+// Defined in inst/lightning_pass_*.cu.
 extern template cudaError_t launch_pass<__half, 32>(const PassParams&, cudaStream_t);
 extern template cudaError_t launch_pass<__half, 64>(const PassParams&, cudaStream_t);
 extern template cudaError_t launch_pass<__nv_bfloat16, 32>(const PassParams&, cudaStream_t);
@@ -17,7 +16,6 @@ extern template cudaError_t launch_pass<__nv_bfloat16, 64>(const PassParams&, cu
 extern template cudaError_t launch_pass<float, 32>(const PassParams&, cudaStream_t);
 extern template cudaError_t launch_pass<float, 64>(const PassParams&, cudaStream_t);
 }  // namespace kern
-#endif
 
 namespace {
 

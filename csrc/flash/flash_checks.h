@@ -1,16 +1,16 @@
-// Input checks of the SQA ops, shared by the CPU and CUDA registrations. Every message names the
-// argument.
+// Input checks shared by the softmax-attention ops that run on the flash core (SQA, DMA, ...).
+// Every message names the argument.
 #pragma once
 #include <torch/all.h>
 
 #include "common/checks.h"
 #include "common/static_switch.h"
 
-namespace attnkit::sqa {
+namespace attnkit::flash {
 
 // q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D]. With for_cuda_kernel, also the CUDA kernel's limits:
 // fp16 / bf16 and D in {32, 64, 96, 128, 256}.
-inline void check_sqa_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+inline void check_qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              bool for_cuda_kernel = false) {
   ATTNKIT_CHECK_DIM(q, 4);
   ATTNKIT_CHECK_DIM(k, 4);
@@ -42,8 +42,8 @@ inline void check_sqa_inputs(const at::Tensor& q, const at::Tensor& k, const at:
 }
 
 // dout and out [B, Lq, max(Hq, Hkv), D] in the dtype of q; lse [B, max(Hq, Hkv), Lq] fp32.
-inline void check_sqa_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& out, const at::Tensor& lse) {
+inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                  const at::Tensor& out, const at::Tensor& lse) {
   const int64_t hout = std::max(q.size(2), k.size(2));
   const std::vector<int64_t> oshape{q.size(0), q.size(1), hout, q.size(3)};
   const std::vector<int64_t> lshape{q.size(0), hout, q.size(1)};
@@ -64,4 +64,4 @@ inline void check_sqa_backward_inputs(const at::Tensor& dout, const at::Tensor& 
   ATTNKIT_CHECK_LAST_CONTIGUOUS(lse);
 }
 
-}  // namespace attnkit::sqa
+}  // namespace attnkit::flash

@@ -6,7 +6,7 @@
 #include <optional>
 #include <tuple>
 
-#include "dma/dma_select.h"
+#include "dma/dma_params.h"
 #include "flash/flash_params.h"
 
 namespace attnkit::dma {
@@ -16,7 +16,7 @@ using SelectOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
 // bias [B, Hkv, Lk], floating; keep >= 1; lq >= 0.
 void check_select_args(const at::Tensor& bias, int64_t keep, int64_t lq);
 
-// thr, tie, fwd_list, fwd_count, bwd_list, bwd_count (shapes in dma_select.h); with fill, the lists
+// thr, tie, fwd_list, fwd_count, bwd_list, bwd_count (shapes in dma_params.h); with fill, the lists
 // are -1 and the counts 0 (the CUDA kernels write every entry themselves).
 SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq, bool fill = true);
 

@@ -1,11 +1,11 @@
-#include "dma/dma_host.h"
+#include "dma/dma_api.h"
 
 #include <limits>
 #include <string>
 
 #include "common/checks.h"
 #include "flash/flash_api.h"
-#include "sqa/sqa_checks.h"
+#include "flash/flash_checks.h"
 
 namespace attnkit::dma {
 
@@ -47,7 +47,7 @@ SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t
 
 void check_dma_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                       bool for_cuda_kernel) {
-  sqa::check_sqa_inputs(q, k, v, for_cuda_kernel);
+  flash::check_qkv_inputs(q, k, v, for_cuda_kernel);
   ATTNKIT_CHECK_DIM(bias, 3);
   ATTNKIT_CHECK_DEVICE(bias, q.device());
   TORCH_CHECK(bias.scalar_type() == at::kFloat || bias.scalar_type() == q.scalar_type(),
@@ -133,7 +133,7 @@ at::Tensor to4d(const at::Tensor& t, const char* name, int64_t B, int64_t hq, in
 void check_masked_bias_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& attn_mask, const std::optional<at::Tensor>& attn_bias,
                               bool for_cuda_kernel) {
-  sqa::check_sqa_inputs(q, k, v, for_cuda_kernel);
+  flash::check_qkv_inputs(q, k, v, for_cuda_kernel);
   const int64_t B = q.size(0), hq = q.size(2), hkv = k.size(2), lq = q.size(1), lk = k.size(1);
   if (attn_mask) {
     TORCH_CHECK(attn_mask->scalar_type() == at::kBool, "attn_mask must be bool (got ", attn_mask->scalar_type(), ")");

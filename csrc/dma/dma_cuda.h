@@ -4,7 +4,7 @@
 
 #include <cstddef>
 
-#include "dma/dma_select.h"
+#include "dma/dma_params.h"
 
 namespace attnkit::dma {
 

@@ -1,5 +1,5 @@
 // Lightning attention ops, device-agnostic part: checks, allocation, and the passes each op runs.
-#include "lightning/lightning_ops.h"
+#include "lightning/lightning_api.h"
 
 #include <algorithm>
 

@@ -1,0 +1,105 @@
+// The schema of every op of the attnkit library, one ATTNKIT_OP("schema") each: an X-macro list,
+// included by csrc/torch_bindings.cpp (TORCH_LIBRARY(attnkit)) and by the CPU emulator's test
+// extensions (tests/cuda_emu), which define ATTNKIT_OP before including it. Adding an op means adding
+// its lines here; implementations register per dispatch key in csrc/<op>/<op>_cpu.cpp / <op>_cuda.cpp.
+// No include guard: each includer expands the list once with its own ATTNKIT_OP.
+#ifndef ATTNKIT_OP
+#error "define ATTNKIT_OP(schema) before including op_schemas.h"
+#endif
+
+// ---- Sparse Query Attention (flash core) ----
+// q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; out [B, Lq, max(Hq,Hkv), D]; lse [B, max(Hq,Hkv), Lq] fp32.
+ATTNKIT_OP("sqa_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)")
+ATTNKIT_OP(
+    "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
+    " -> (Tensor dq, Tensor dk, Tensor dv)")
+
+// ---- flash core, CPU test hook (not public API; tests/test_flash_core.py) ----
+// Built only with the CMake option ATTNKIT_TEST_OPS (make dev / make test turn it on).
+#ifdef ATTNKIT_TEST_OPS
+// Runs flash_fwd_cpu and, when dout is given, flash_bwd_cpu with every optional FlashParams input.
+// bias [B, Hb, 1|rows, Lk] fp32; row_thr / row_tie [B, Hkv, rows]; q_index / k_index
+// [B, max(Hq,Hkv), S, w] int32. Returns [out, lse, dq, dk, dv, dbias] (empty when not computed).
+ATTNKIT_OP(
+    "_flash_core_cpu_test(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? row_thr, Tensor? row_tie,"
+    " Tensor? q_index, Tensor? k_index, bool causal, int window_left, bool self_mask, float self_score,"
+    " float scale, Tensor? dout) -> Tensor[]")
+#endif  // ATTNKIT_TEST_OPS
+
+// ---- Routing attention (Routing Transformer; flash core with segment gathers) ----
+// q/k [B, L, H, D]; centroids [H, C, D] (unit norm). q_idx/k_idx [B, H, C, w] int32, each list the
+// w tokens with the largest normalize(x).mu_c (ties to the lower position), sorted by position.
+// shared_qk: k is not read (may be None) and k_idx equals q_idx. with_assign: also the argmax cluster
+// of every token, int32 [B, L, H] (q) or [2B, L, H] (q then k), for the k-means step; else empty.
+// key_padding_mask [B, L] bool: padded tokens rank below every other token (score -inf), so they
+// enter no list while window <= the number of unpadded tokens.
+ATTNKIT_OP(
+    "routing_assign(Tensor q, Tensor? k, Tensor centroids, int window, bool shared_qk, bool with_assign=False,"
+    " Tensor? key_padding_mask=None) -> (Tensor q_idx, Tensor k_idx, Tensor assign)")
+// Attention inside clusters: out [B, L, H, D] (mean over the clusters a token's query is routed to,
+// 0 when none), out_seg [B, C*wq, H, D] and lse [B, H, C*wq] fp32 in segment space (saved for the
+// backward). With q_idx = k_idx = None: one segment holding the whole sequence (local heads), out_seg
+// is empty and the backward takes out in its place. key_padding_mask [B, L] bool: True keys are never
+// attended; only without q_idx / k_idx (the core takes no bias with segments: route padded tokens
+// out with routing_assign's key_padding_mask instead). window_left < 0: no window. self_mask: the
+// score of a query with its own token is -5e4.
+// deterministic is read by the backward only (routing_bwd; False: fp32 atomics on CUDA); the forward
+// takes it so that autograd can pass it on.
+ATTNKIT_OP(
+    "routing_fwd(Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx, Tensor? key_padding_mask,"
+    " bool causal, int window_left, bool self_mask, float scale, bool deterministic=True)"
+    " -> (Tensor out, Tensor out_seg, Tensor lse)")
+ATTNKIT_OP(
+    "routing_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? q_idx, Tensor? k_idx,"
+    " Tensor? key_padding_mask, Tensor out_seg, Tensor lse, bool causal, int window_left, bool self_mask,"
+    " float scale, bool deterministic) -> (Tensor dq, Tensor dk, Tensor dv)")
+// Online k-means. x [N, H, D], centroids [H, C, D], any float dtypes (sums in fp64 / fixed point).
+// kmeans_assign: int32 [N, H], argmax_c normalize(x).mu_c (first maximum).
+ATTNKIT_OP("kmeans_assign(Tensor x, Tensor centroids) -> Tensor")
+// In place: mu_c <- normalize(decay mu_c + (1 - decay) normalize(mean of the normalised x assigned
+// to c)) for every cluster that got a vector; assign (int32 [N, H]) is computed when None.
+ATTNKIT_OP("kmeans_ema_update_(Tensor(a!) centroids, Tensor x, Tensor? assign, float decay) -> ()")
+// ---- Dynamic Mask Attention (flash core + top-keep mask selection) ----
+// bias [B, Hkv, Lk]: per-key scores shared by all query rows. dma_select builds the compact mask:
+// thr / tie [B, Hkv, Lq] (fp32 / int32, the core's kept predicate), forward tile lists
+// [B, Hkv, nQB, width] + counts [B, Hkv, nQB], backward tile lists [B, Hkv, nKB, nQB] + counts.
+ATTNKIT_OP(
+    "dma_select(Tensor bias, int keep, int lq, bool causal)"
+    " -> (Tensor thr, Tensor tie, Tensor fwd_list, Tensor fwd_count, Tensor bwd_list, Tensor bwd_count)")
+// Tile lists are optional (None: no tile skipping); the backward lists ride along for autograd.
+ATTNKIT_OP(
+    "dma_fwd(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor thr, Tensor tie, Tensor? fwd_list,"
+    " Tensor? fwd_count, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
+    " -> (Tensor out, Tensor lse)")
+ATTNKIT_OP(
+    "dma_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor out, Tensor lse, Tensor thr,"
+    " Tensor tie, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
+// Compatibility path (flash-dmattn interface): attn_mask (bool) and attn_bias broadcastable to
+// [B, Hq|Hkv|1, Lq|1, Lk]. dbias has attn_bias's shape and dtype (empty when not asked for).
+ATTNKIT_OP(
+    "masked_bias_fwd(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias, bool causal,"
+    " float scale) -> (Tensor out, Tensor lse)")
+ATTNKIT_OP(
+    "masked_bias_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? attn_bias,"
+    " Tensor out, Tensor lse, bool causal, float scale, bool need_dbias)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
+
+// ---- Lightning attention (own kernels: csrc/lightning/) ----
+// q, k [B, L, H, Dk], v [B, L, H, Dv]; slopes [H]; states [N, H, Dk, Dv] (N = B, or the number of
+// sequences of cu_seqlens with B = 1). State, slopes and accumulation are fp32 (fp64 for fp64 inputs,
+// CPU only). block_size: chunk length (0: automatic); num_splits: segments per sequence (0: automatic).
+ATTNKIT_OP(
+    "lightning_fwd(Tensor q, Tensor k, Tensor v, Tensor slopes, float scale, Tensor? initial_state,"
+    " Tensor? cu_seqlens, int block_size, int num_splits) -> (Tensor o, Tensor final_state)")
+// dslopes is all zeros unless compute_dslopes; dinitial_state is always computed (it is cheap).
+ATTNKIT_OP(
+    "lightning_bwd(Tensor dout, Tensor? dfinal_state, Tensor q, Tensor k, Tensor v, Tensor slopes, float scale,"
+    " Tensor? initial_state, Tensor? cu_seqlens, int block_size, int num_splits, bool compute_dslopes)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dslopes, Tensor dinitial_state)")
+// One decoding step, q/k [B, 1, H, Dk], v [B, 1, H, Dv]; state [B, H, Dk, Dv] updated in place.
+ATTNKIT_OP("lightning_decode_(Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor slopes, float scale) -> Tensor o")
+// The same step without mutation: returns the new state.
+ATTNKIT_OP(
+    "lightning_decode(Tensor q, Tensor k, Tensor v, Tensor state, Tensor slopes, float scale)"
+    " -> (Tensor o, Tensor new_state)")
