@@ -202,6 +202,7 @@ struct HeadCtx {
     if (qidx || kidx) return;
     if (p->causal) hi = std::min<int64_t>(hi, i1 - 1 + shift + 1);
     if (p->window_left >= 0) lo = std::max<int64_t>(lo, i0 + shift - p->window_left);
+    if (p->window_right >= 0) hi = std::min<int64_t>(hi, i1 - 1 + shift + p->window_right + 1);
   }
   // Query rows [lo, hi) that may see some key of [j0, j1).
   void query_range(int64_t j0, int64_t j1, int64_t& lo, int64_t& hi) const {
@@ -210,6 +211,7 @@ struct HeadCtx {
     if (qidx || kidx) return;
     if (p->causal) lo = std::max<int64_t>(lo, j0 - shift);
     if (p->window_left >= 0) hi = std::min<int64_t>(hi, j1 - 1 - shift + p->window_left + 1);
+    if (p->window_right >= 0) lo = std::max<int64_t>(lo, j0 - shift - p->window_right);
   }
 };
 
@@ -298,13 +300,15 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
   const bool indexed = ctx.qidx || ctx.kidx;
   const bool check_causal = p.causal;
   const bool check_window = p.window_left >= 0;
+  const bool check_right = p.window_right >= 0;
   const int n = tile.n;
   const int64_t j0 = tile.j0;
   // Without gathers, positions are i and j: the tile needs no causal check when its last key is
   // visible to its first row, and no window check when its first key is visible to its last row.
   const bool clean = !tile.cols && !indexed && !ctx.thr && !p.self_mask &&
                      (!check_causal || j0 + n - 1 <= i0 + ctx.shift) &&
-                     (!check_window || j0 >= i0 + m - 1 + ctx.shift - p.window_left);
+                     (!check_window || j0 >= i0 + m - 1 + ctx.shift - p.window_left) &&
+                     (!check_right || j0 + n - 1 <= i0 + ctx.shift + p.window_right);
   if (clean) {
     for (int r = 0; r < m; ++r) {
       A* srow = S + int64_t(r) * kBlockN;
@@ -332,6 +336,7 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
       bool vis = true;
       if (check_causal && pj > pi + ctx.shift) vis = false;
       if (check_window && pj < pi + ctx.shift - p.window_left) vis = false;
+      if (check_right && pj > pi + ctx.shift + p.window_right) vis = false;
       const float bval = brow ? brow[j] : 0.f;
       if (ctx.thr && !(bval > thr || (bval == thr && ctx.col0 + j <= tie))) vis = false;
       bool self = false;

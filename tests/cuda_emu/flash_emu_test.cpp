@@ -104,6 +104,7 @@ struct Case {
   int B = 1, S = 1, Lq, Lk, hq = 1, hkv = 1, D;
   bool causal = false;
   int window = -1;
+  int window_right = -1;
   int bias = 0;  // 0 none, 1 row-broadcast, 2 per-row
   int bias_head_group = 1;
   bool dbias = false;
@@ -147,6 +148,7 @@ bool visible(const Inputs& in, int b, int h, int i, int j) {
   const int shift = c.Lk - c.Lq;
   if (c.causal && j > i + shift) return false;
   if (c.window >= 0 && j < i + shift - c.window) return false;
+  if (c.window_right >= 0 && j > i + shift + c.window_right) return false;
   if (c.kept) {
     float bv = 0.f;
     if (c.bias == 1) bv = in.bias[(size_t(b) * in.nbh + h / c.bias_head_group) * c.Lk + j];
@@ -309,6 +311,7 @@ void setup(Run& r, const Inputs& in, ElemType t, bool fwd_list) {
   p.scale_log2 = p.scale * 1.4426950408889634f;
   p.causal = c.causal;
   p.window_left = c.window;
+  p.window_right = c.window_right;
   if (c.bias) {
     p.bias = in.bias.data();
     p.bias_row_stride = c.bias == 2 ? c.Lk : 0;
@@ -585,6 +588,46 @@ std::vector<Case> cases() {
     c.same_index = false;
     c.causal = true;
     c.N = 70;
+    add(c);
+  }
+  {
+    Case c{"d64 window both sides Lq<Lk", 1, 1, 150, 260, 2, 1, 64};
+    c.window = 20;
+    c.window_right = 70;
+    add(c);
+  }
+  {
+    Case c{"d32 window 0,0 gqa", 2, 1, 130, 130, 4, 2, 32};
+    c.window = 0;
+    c.window_right = 0;
+    add(c);
+  }
+  {
+    Case c{"d64 right window only Lq>Lk", 1, 1, 200, 90, 1, 2, 64};
+    c.window_right = 5;
+    add(c);
+  }
+  {
+    Case c{"d32 causal window right 3", 1, 1, 140, 140, 1, 1, 32};
+    c.causal = true;
+    c.window = 30;
+    c.window_right = 3;
+    add(c);
+  }
+  {
+    Case c{"d80 padded to 96 gqa causal window", 1, 1, 100, 130, 4, 2, 80};
+    c.causal = true;
+    c.window = 50;
+    add(c);
+  }
+  {
+    Case c{"d192 padded to 256 reverse-gqa", 1, 1, 70, 90, 1, 2, 192};
+    add(c);
+  }
+  {
+    Case c{"d40 padded to 64 bias dbias", 1, 1, 70, 70, 2, 2, 40};
+    c.bias = 1;
+    c.dbias = true;
     add(c);
   }
   {
