@@ -218,6 +218,46 @@ float row_max(const float* s, int n) {
   return row_max_impl(s, n);
 }
 
+// One row of the kept-predicate scores (see finish_scores): srow[c] = srow[c] * scale + tb[c] where
+// (tb[c] > thr or (tb[c] == thr and tj[c] <= tie)) and tj[c] <= lim, else -inf.
+template <typename A>
+inline void kept_row_impl(A* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+                          A scale) {
+  for (int c = 0; c < n; ++c) {
+    const bool kept = (tb[c] > thr) | ((tb[c] == thr) & (tj[c] <= tie));
+    const bool vis = kept & (tj[c] <= lim);
+    srow[c] = vis ? srow[c] * scale + static_cast<A>(tb[c]) : -std::numeric_limits<A>::infinity();
+  }
+}
+void kept_row(double* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+              double scale) {
+  kept_row_impl(srow, tb, tj, n, thr, tie, lim, scale);
+}
+#if ATTNKIT_CPU_AVX2
+ATTNKIT_TARGET_AVX2 void kept_row_avx2(float* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie,
+                                       int32_t lim, float scale) {
+  const vf8 thrv = vf8{} + thr, ninf = vf8{} - std::numeric_limits<float>::infinity();
+  const vi8 tiev = vi8{} + tie, limv = vi8{} + lim;
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const vf8 b = load8(tb + c);
+    vi8 j;
+    std::memcpy(&j, tj + c, sizeof(j));
+    const vi8 vis = ((b > thrv) | ((b == thrv) & (j <= tiev))) & (j <= limv);
+    const vf8 x = load8(srow + c) * scale + b;
+    store8(srow + c, vis ? x : ninf);
+  }
+  kept_row_impl(srow + c, tb + c, tj + c, n - c, thr, tie, lim, scale);
+}
+#endif
+void kept_row(float* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+              float scale) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return kept_row_avx2(srow, tb, tj, n, thr, tie, lim, scale);
+#endif
+  kept_row_impl(srow, tb, tj, n, thr, tie, lim, scale);
+}
+
 // Runs body(scratch, t) for every t in [0, n) on the intra-op threads; tasks go out in index order
 // from a shared counter; each thread makes its scratch once with make_scratch().
 template <typename MakeScratch, typename Body>
@@ -375,6 +415,26 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
         for (int c = 0; c < n; ++c) srow[c] *= scale;
       }
       if (nograd) std::fill(nograd + int64_t(r) * kBlockN, nograd + int64_t(r) * kBlockN + n, uint8_t(0));
+    }
+    return;
+  }
+  if (!indexed && !p.self_mask && !check_window && ctx.thr && p.bias_row_stride == 0 && !nograd) {
+    // Kept predicate over a row-broadcast bias (DMA), optionally causal: the tile's bias values and
+    // columns are read once, then each row is one branch-free, vectorisable pass.
+    float tb[kBlockN];
+    int32_t tj[kBlockN];
+    const float* brow = ctx.bias + ctx.col0;
+    for (int c = 0; c < n; ++c) {
+      tj[c] = int32_t(tile.col(c));
+      tb[c] = brow[tj[c]];
+    }
+    for (int r = 0; r < m; ++r) {
+      A* srow = S + int64_t(r) * kBlockN;
+      const int64_t i = i0 + r;
+      const float thr = ctx.thr[ctx.row0 + i];
+      const int32_t tie = int32_t(std::min<int64_t>(int64_t(ctx.tie[ctx.row0 + i]) - ctx.col0, INT32_MAX));
+      const int32_t lim = check_causal ? int32_t(std::min<int64_t>(i + ctx.shift, INT32_MAX)) : INT32_MAX;
+      kept_row(srow, tb, tj, n, thr, tie, lim, scale);
     }
     return;
   }
