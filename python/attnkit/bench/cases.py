@@ -373,7 +373,7 @@ def sqa_cases(cfg: SuiteConfig) -> list[Case]:
     H = cfg.heads or (16 if cfg.gpu else 8)
     D = cfg.head_dim or (128 if cfg.gpu else 64)
     tokens = 32768 if cfg.gpu else 1  # GPU: B*L = 32k tokens; CPU: B = 1
-    Ls = seqlens(cfg, gpu=[1024, 4096, 16384, 32768, 65536], cpu=[256, 1024],
+    Ls = seqlens(cfg, gpu=[1024, 4096, 16384, 32768, 65536], cpu=[256, 1024, 2048],
                  gpu_quick=[1024, 4096], cpu_quick=[128, 256])
     variants = ["mha", "sqa", "xsqa"] if cfg.gpu and not cfg.quick else ["mha", "xsqa"]
     out = []
@@ -499,6 +499,9 @@ def dma_cases(cfg: SuiteConfig) -> list[Case]:
         for mode in cfg.modes:
             out.append(dma_case(B=B, L=L, H=H, Hkv=Hkv, D=D, keep=keep, causal=True, dtype=cfg.dtype,
                                 device=cfg.device, mode=mode, cfg=cfg))
+    if not cfg.gpu and not cfg.quick and not cfg.seqlens:  # the CPU target: L=2048, keep=256 vs dense SDPA
+        out += [dma_case(B=cfg.batch or 1, L=2048, H=H, Hkv=Hkv, D=D, keep=256, causal=True, dtype=cfg.dtype,
+                         device=cfg.device, mode=mode, cfg=cfg) for mode in cfg.modes]
     return out
 
 
@@ -587,8 +590,12 @@ def lightning_cases(cfg: SuiteConfig) -> list[Case]:
     B = cfg.batch or (4 if cfg.gpu else 1)
     Ls = seqlens(cfg, gpu=[2048, 4096, 8192, 16384, 32768, 65536], cpu=[256, 1024],
                  gpu_quick=[2048, 8192], cpu_quick=[128, 256])
-    return [lightning_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
-            for L in Ls for m in cfg.modes]
+    out = [lightning_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
+           for L in Ls for m in cfg.modes]
+    if not cfg.gpu and not cfg.quick and not cfg.seqlens:  # the CPU target: L=4096, H=8 vs torch-eager
+        out += [lightning_case(B=B, L=4096, H=cfg.heads or 8, D=D, dtype=cfg.dtype, device=cfg.device, mode=m,
+                               cfg=cfg) for m in cfg.modes]
+    return out
 
 
 def lightning_perf_cases(device: str = "cuda", dtype=torch.bfloat16) -> list[Case]:
@@ -715,7 +722,8 @@ def routing_cases(cfg: SuiteConfig) -> list[Case]:
     H = cfg.heads or (8 if cfg.gpu else 4)
     D = cfg.head_dim or 64
     B = cfg.batch or 1
-    Ls = seqlens(cfg, gpu=[4096, 16384, 65536], cpu=[256, 1024], gpu_quick=[4096, 16384], cpu_quick=[128, 256])
+    Ls = seqlens(cfg, gpu=[4096, 16384, 65536], cpu=[256, 1024, 2048], gpu_quick=[4096, 16384],
+                 cpu_quick=[128, 256])
     return [routing_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
             for L in Ls for m in cfg.modes]
 
