@@ -233,7 +233,7 @@ struct Block {
   // serialized warps (EMU_SCHEDULE=warps / warps-rev): the warp order[pos] runs; the others wait.
   bool serial = false;
   std::mutex m;
-  std::condition_variable cv;
+  std::unique_ptr<std::condition_variable[]> cv;  // per warp: only the warp whose turn it is wakes
   std::vector<int> order, parked, exited;  // parked: lanes at the block barrier or finished
   size_t pos = 0;
   uint64_t phase = 0;
@@ -255,22 +255,25 @@ struct Block {
   }
   void start(int w) {
     std::unique_lock<std::mutex> lk(m);
-    cv.wait(lk, [&] { return pos < order.size() && order[pos] == w; });
+    cv[w].wait(lk, [&] { return pos < order.size() && order[pos] == w; });
+  }
+  void wake() {
+    if (pos < order.size()) cv[order[pos]].notify_all();
   }
   void barrier(int w) {
     std::unique_lock<std::mutex> lk(m);
     ++parked[w];
     const uint64_t ph = phase;
     advance();
-    cv.notify_all();
-    cv.wait(lk, [&] { return phase != ph && pos < order.size() && order[pos] == w; });
+    wake();
+    cv[w].wait(lk, [&] { return phase != ph && pos < order.size() && order[pos] == w; });
   }
   void finish(int w) {
     std::unique_lock<std::mutex> lk(m);
     ++parked[w];
     ++exited[w];
     advance();
-    cv.notify_all();
+    wake();
   }
 };
 
@@ -465,6 +468,7 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
     }
     if (g_schedule != Schedule::kFree) {
       blk.serial = true;
+      blk.cv = std::make_unique<std::condition_variable[]>(nwarps);
       blk.parked.assign(nwarps, 0);
       blk.exited.assign(nwarps, 0);
       for (int w = 0; w < nwarps; ++w) blk.order.push_back(g_schedule == Schedule::kWarps ? w : nwarps - 1 - w);

@@ -599,6 +599,11 @@ std::vector<Case> cases() {
     c.N = 70;
     add(c);
   }
+  {  // three key blocks: the forward's K/V stages are refilled while other warps may still read them
+    Case c{"d32 gqa causal B2 L150", 2, 1, 150, 150, 2, 1, 32};
+    c.causal = true;
+    add(c);
+  }
   {
     Case c{"d256 gqa causal", 1, 1, 70, 70, 2, 1, 256};
     c.causal = true;

@@ -3,8 +3,8 @@
 #
 #   tests/cuda_emu/sanitize.sh            the quick set: every op, small shapes
 #   tests/cuda_emu/sanitize.sh FILTER     FILTER = all | flash[:CASE] | lightning[:CASE] | ops[:LABEL]
-#                                         (CASE / LABEL: a substring of the harness's case names;
-#                                         flash, lightning, ops alone: every case of that harness)
+#     all: every case of every harness; flash, lightning, ops alone: that harness's part of the quick
+#     set; with :CASE the cases whose name contains CASE (a label substring for ops), :* all of them
 #
 # Memory: the harnesses are built with -fsanitize=address,undefined -fno-sanitize-recover=all; the
 # emulator gives each block exactly its dynamic shared memory (the rest of the flash harness's buffer
@@ -39,6 +39,9 @@ start=$SECONDS
 harness=${filter%%:*}
 sub=""
 [[ "$filter" == *:* ]] && sub=${filter#*:}
+[[ "$sub" == "*" ]] && sub=""
+quick=0
+[[ "$filter" == quick || "$filter" != *:* && "$filter" != all ]] && quick=1
 want() { [[ "$filter" == quick || "$filter" == all || "$harness" == "$1" ]]; }
 case "$harness" in quick | all | flash | lightning | ops) ;; *)
   echo "sanitize.sh: unknown filter '$filter' (all | flash[:CASE] | lightning[:CASE] | ops[:LABEL])" >&2
@@ -103,12 +106,11 @@ built() {  # built NAME STATUS
 if want flash; then
   build_flash
   if built flash $?; then
-    if [[ "$filter" == quick ]]; then
-      # forward + backward (fp32-atomic and sliced dq) with several blocks per launch, GQA, causal
-      # with rows that see no key, and the row-broadcast dbias reduction
-      run "flash d32 basic B2 fp16" "$out/flash_emu_test" "d32 basic B2" fp16
-      run "flash d64 gqa causal Lq>Lk bf16" "$out/flash_emu_test" "d64 gqa causal Lq>Lk" bf16
-      run "flash d32 gqa bias-head-group2 dbias causal fp16" "$out/flash_emu_test" "d32 gqa bias-head-group2" fp16
+    if ((quick)); then
+      # forward (three key blocks: stages refilled), delta, backward (fp32-atomic and sliced dq), dq
+      # epilogue, with several blocks per launch, GQA, causal; the row-broadcast dbias reduction
+      run "flash d32 gqa causal B2 L150 fp16" "$out/flash_emu_test" "d32 gqa causal B2 L150" fp16
+      run "flash d32 gqa bias-head-group2 dbias causal bf16" "$out/flash_emu_test" "d32 gqa bias-head-group2" bf16
     else
       run "flash ${sub:-all cases}" "$out/flash_emu_test" "$sub"
     fi
@@ -118,8 +120,8 @@ fi
 if want lightning; then
   build_lightning
   if built lightning $?; then
-    if [[ "$filter" == quick ]]; then
-      run "lightning f16/bt64 fwd (pass, scan)" "$out/lightning_emu_test" "f16/bt64/fwd odd dims dk40 dv24 L100 splits3"
+    if ((quick)); then
+      run "lightning bf16/bt64 fwd (pass, scan)" "$out/lightning_emu_test" "bf16/bt64/fwd odd dims dk40 dv24 L100 splits3"
       run "lightning bf16/bt32 deriv (pass, scan, dslopes)" "$out/lightning_emu_test" "bf16/bt32/deriv varlen splits3"
       run "lightning decode" "$out/lightning_emu_test" "decode"
     else
@@ -136,7 +138,7 @@ if want ops; then
   # the build: the first run's import (no case selected)
   "${ops_env[@]}" EMU_CASES="(build only)" "$py" "$here/run_ops_e2e.py" >"$out/ops_build.log" 2>&1
   if built "ops (sqa, routing, dma op layers)" $?; then
-    if [[ "$filter" == quick ]]; then
+    if ((quick)); then
       # dma_select; routing select (assign), combine + the core (attention fwd/bwd), k-means
       # assign / EMA update
       run "ops dma_select" "${ops_env[@]}" EMU_CASES="dma_select causal=True ties" "$py" "$here/run_ops_e2e.py" dma
