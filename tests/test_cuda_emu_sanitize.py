@@ -48,7 +48,7 @@ def test_quick_set():
     r = _sanitize(ROOT, timeout=1500)
     assert r.returncode == 0, f"sanitize.sh failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     # every op ran, under both schedules
-    for what in ("flash", "lightning", "ops dma_select", "ops routing"):
+    for what in ("selftest", "flash", "lightning", "ops dma_select", "ops routing"):
         assert f"ok   {what}" in r.stdout, r.stdout
 
 

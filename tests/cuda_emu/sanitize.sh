@@ -43,8 +43,8 @@ sub=""
 quick=0
 [[ "$filter" == quick || "$filter" != *:* && "$filter" != all ]] && quick=1
 want() { [[ "$filter" == quick || "$filter" == all || "$harness" == "$1" ]]; }
-case "$harness" in quick | all | flash | lightning | ops) ;; *)
-  echo "sanitize.sh: unknown filter '$filter' (all | flash[:CASE] | lightning[:CASE] | ops[:LABEL])" >&2
+case "$harness" in quick | all | selftest | flash | lightning | ops) ;; *)
+  echo "sanitize.sh: unknown filter '$filter' (all | selftest | flash[:CASE] | lightning[:CASE] | ops[:LABEL])" >&2
   exit 2
   ;;
 esac
@@ -103,6 +103,27 @@ built() {  # built NAME STATUS
   echo "built $1 ($((SECONDS - start))s)"
 }
 
+# the checkers themselves, on tiny kernels: each must see its planted bug
+if want selftest; then
+  "$cxx" -std=c++20 -O1 -g -pthread "${san[@]}" -I"$here/cuda_include" -I"$root/csrc" -I"$here" \
+    "$here/emu_selftest.cpp" -o "$out/emu_selftest"
+  if built selftest $?; then
+    for sched in warps warps-rev; do
+      for t in barrier:0 no-barrier:1 global-race:66 smem-overflow:65; do
+        EMU_SCHEDULE=$sched "$out/emu_selftest" "${t%%:*}" >"$out/last.log" 2>&1
+        rc=$?
+        if ((rc == ${t#*:})); then
+          echo "ok   selftest ${t%%:*} [$sched]: exit $rc as expected"
+        else
+          failures=$((failures + 1))
+          echo "FAIL selftest ${t%%:*} [$sched]: exit $rc, expected ${t#*:}"
+          head -20 "$out/last.log" | sed 's/^/    /'
+        fi
+      done
+    done
+  fi
+fi
+
 if want flash; then
   build_flash
   if built flash $?; then
@@ -153,5 +174,6 @@ if want ops; then
   fi
 fi
 
-echo "sanitize.sh: $failures failed run(s) ($((SECONDS - start))s)"
+echo "sanitize.sh: $failures failed run(s) ($((SECONDS - start))s wall; CPU time of this shell and its children, user / system:)"
+times | tail -1
 exit $((failures > 100 ? 100 : failures))
