@@ -599,6 +599,11 @@ std::vector<Case> cases() {
     c.N = 70;
     add(c);
   }
+  {  // the smallest shape that refills the forward's K/V stages (three key blocks) and the backward's
+     // Q / dO tiles (two query blocks): sanitize.sh's quick set
+    Case c{"d32 Lq80 Lk150", 1, 1, 80, 150, 1, 1, 32};
+    add(c);
+  }
   {  // three key blocks: the forward's K/V stages are refilled while other warps may still read them
     Case c{"d32 gqa causal B2 L150", 2, 1, 150, 150, 2, 1, 32};
     c.causal = true;

@@ -128,10 +128,9 @@ if want flash; then
   build_flash
   if built flash $?; then
     if ((quick)); then
-      # forward (three key blocks: stages refilled), delta, backward (fp32-atomic and sliced dq), dq
-      # epilogue, with several blocks per launch, GQA, causal; the row-broadcast dbias reduction
-      run "flash d32 gqa causal B2 L150 fp16" "$out/flash_emu_test" "d32 gqa causal B2 L150" fp16
-      run "flash d32 gqa bias-head-group2 dbias causal bf16" "$out/flash_emu_test" "d32 gqa bias-head-group2" bf16
+      # forward (three key blocks: stages refilled), delta, backward (two query blocks, fp32-atomic
+      # and sliced dq), dq epilogue, several blocks per launch
+      run "flash d32 Lq80 Lk150 fp16" "$out/flash_emu_test" "d32 Lq80 Lk150" fp16
     else
       run "flash ${sub:-all cases}" "$out/flash_emu_test" "$sub"
     fi
