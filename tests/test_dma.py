@@ -27,7 +27,7 @@ def close(out, ref_, eager, atol, name):
 
 
 HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))]
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))]
 BLOCK = 64
 ATOL = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -261,7 +261,7 @@ def test_keep_all_equals_bias_attention(causal):
         assert torch.equal(x1, x2.view(x1.shape))
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("keep", [1, 64, 300])
 def test_tile_skipping_on_off_agree(device, causal, keep):
@@ -279,7 +279,7 @@ def test_tile_skipping_on_off_agree(device, causal, keep):
         assert torch.equal(x1, x2)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("lq,lk", [(1, 1), (17, 300), (300, 17), (1000, 1000), (3000, 3000)])
 @pytest.mark.parametrize("keep", [1, 7, 64, 2000])
@@ -379,7 +379,7 @@ def test_masked_bias_row_bias_as_stride0_expand(device):
     assert grads[1][:, :, 1:].abs().sum() > 0  # rows other than the first carry gradient
 
 
-@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA"))])
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))])
 def test_misaligned_inputs(device):
     """q, k, v, dout whose data pointers are not 16-byte aligned (the core copies 16-byte chunks)."""
     def shifted(t):  # same values, storage offset of one element
