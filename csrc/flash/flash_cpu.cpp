@@ -2,15 +2,27 @@
 //
 // Work split
 // - Forward: one task per (batch * segment, output head, block of kBlockM query rows). Each task
-//   streams key blocks of kBlockN columns with an online softmax; the only score storage is one
+//   streams key tiles of up to kBlockN columns with an online softmax; the only score storage is one
 //   kBlockM x kBlockN tile.
-// - Backward, deterministic by ownership (no two tasks write the same element):
-//     pass 0: delta = rowsum(dout * o) per (batch, output head, row), kept in an internal buffer;
-//     pass 1: dq, one task per (batch * segment, query head, query block), summing over the output
-//             heads of that query head in a fixed order;
-//     pass 2: dk, dv (and dbias), one task per (batch * segment, KV head, key block), summing over
-//             the output heads of that KV head and over query blocks in a fixed order.
-//   P is recomputed from the saved lse (lse = -inf: the row is fully masked, P = 0).
+// - Backward: one task per (batch * segment, output head). It walks its query blocks in order; for
+//   each block it recomputes P from the saved lse (lse = -inf: the row is fully masked, P = 0) tile by
+//   tile, finishes that block's dq, and adds the block's share of dk, dv (and dbias) into fp32
+//   accumulators of the head. Where several output heads share a gradient (dq of a query head read by
+//   several output heads, dk / dv of a KV head, dbias of a bias head), each head stores its own fp32
+//   partial and a final pass sums the partials in head order. No atomics: deterministic.
+// - Tasks are handed to the intra-op threads from a shared counter (the forward hands out the query
+//   blocks with the most keys first), so causal work balances; the outputs do not depend on which
+//   thread ran a task.
+//
+// Block products run through cpu::gemm_nn (csrc/common/cpu_gemm.h): ATen's BLAS / oneDNN block GEMM
+// for float, plain loops for double. fp32 operands that need no conversion and no gather are read in
+// place from the inputs (row stride as leading dimension); the others are copied to fp32 tiles.
+// Keys enter the score product transposed (a D x kBlockN tile).
+//
+// Tiles that no row needs are not computed: key ranges come from the causal / window masks; with the
+// kept predicate and a row-broadcast bias (DMA) a key is kept by some row of a query block only if its
+// bias is >= the block's smallest threshold, so the block visits only those keys, gathered into
+// contiguous tiles when they are few, else the contiguous tiles that contain one.
 //
 // Index conventions not spelled out in flash_params.h, chosen to match the CUDA kernels:
 // - without gather indices, positions are the row numbers inside the segment (i and j);
@@ -18,11 +30,9 @@
 //   column s * seqlen_k + j (the tie column compares against s * seqlen_k + j as well);
 // - dq is written in segment space like the other outputs: row s * seqlen_q + i of query head hq.
 //
-// Inner loops: the tile kernels below run over a fixed kBlockN-wide row of scores, or over the
-// contiguous head dim in fixed 32-wide chunks, so the accumulators stay in vector registers; the
-// float versions have an AVX2 + FMA variant picked at run time (the extension itself is built for
-// baseline x86-64). exp in float is a polynomial (relative error ~2e-7), vectorisable, unlike
-// std::exp.
+// ATTNKIT_CPU_NO_AVX2=1 switches to the portable kernels (plain-loop products, scalar exp): what
+// CPUs without AVX2 run for exp; the tests use it to cover that path. exp in float is a polynomial
+// (relative error ~2e-7), vectorisable, unlike std::exp.
 #include "flash/flash_cpu.h"
 #include "flash/flash_validate.h"
 
@@ -32,19 +42,23 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#include "common/cpu_gemm.h"
 
 namespace attnkit::flash {
 namespace {
 
-constexpr int kBlockM = 64;  // query rows per task
-constexpr int kBlockN = 64;  // key columns per tile
+constexpr int kBlockM = 64;   // query rows per forward task and per backward step
+constexpr int kBlockN = 128;  // key columns per tile
 
 template <typename T>
 struct AccType {
@@ -59,15 +73,18 @@ inline int64_t ceil_div(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
-// x86-64 with GCC or clang: the float tile kernels get an AVX2 + FMA version (explicit 8-wide
-// vectors), chosen at run time; elsewhere, and on CPUs without AVX2, plain loops that the compiler
-// auto-vectorises for the baseline ISA.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
 #define ATTNKIT_CPU_AVX2 1
 #define ATTNKIT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #else
 #define ATTNKIT_CPU_AVX2 0
 #endif
+
+// The fast kernels (BLAS products, AVX2 exp) unless ATTNKIT_CPU_NO_AVX2 is set.
+bool fast_kernels() {
+  static const bool fast = std::getenv("ATTNKIT_CPU_NO_AVX2") == nullptr;
+  return fast;
+}
 
 // exp(x) for float: 2^n * e^f with n = round(x / ln 2), f = x - n ln 2 (two-part ln 2), e^f by its
 // degree-7 Taylor polynomial (|f| <= 0.35: truncation ~6e-9). x < -87 (including -inf) gives 0.
@@ -93,54 +110,6 @@ inline float exp_any(float x) {
   return exp_poly(x);
 }
 
-// S[r][0, kBlockN) = Q[r] . Kt[:, c] for r < m (all kBlockN columns; the caller reads the first n).
-template <typename A>
-inline void tile_scores_impl(A* __restrict S, const A* __restrict Q, int m, int D, const A* __restrict Kt) {
-  for (int r = 0; r < m; ++r) {
-    A acc[kBlockN] = {};
-    const A* qr = Q + int64_t(r) * D;
-    for (int x = 0; x < D; ++x) {
-      const A a = qr[x];
-      const A* kt = Kt + int64_t(x) * kBlockN;
-      for (int c = 0; c < kBlockN; ++c) acc[c] += a * kt[c];
-    }
-    A* srow = S + int64_t(r) * kBlockN;
-    for (int c = 0; c < kBlockN; ++c) srow[c] = acc[c];
-  }
-}
-
-// C[i][0, D) += sum_{k < nk} W[i * wi + k * wk] * B[k][0, D)  for i < ni (row strides ldc, ldb).
-// With (wi, wk) = (kBlockN, 1) this is C += W B; with (1, kBlockN) it is C += W^T B.
-template <typename A>
-inline void tile_acc_impl(A* __restrict C, int64_t ldc, const A* __restrict W, int64_t wi, int64_t wk, int ni, int nk,
-                          const A* __restrict B, int64_t ldb, int D) {
-  constexpr int kW = 32;
-  for (int i = 0; i < ni; ++i) {
-    A* crow = C + i * ldc;
-    const A* wrow = W + i * wi;
-    int x0 = 0;
-    for (; x0 + kW <= D; x0 += kW) {
-      A acc[kW];
-      for (int x = 0; x < kW; ++x) acc[x] = crow[x0 + x];
-      for (int k = 0; k < nk; ++k) {
-        const A a = wrow[k * wk];
-        if (a == A(0)) continue;
-        const A* b = B + k * ldb + x0;
-        for (int x = 0; x < kW; ++x) acc[x] += a * b[x];
-      }
-      for (int x = 0; x < kW; ++x) crow[x0 + x] = acc[x];
-    }
-    if (x0 < D) {
-      for (int k = 0; k < nk; ++k) {
-        const A a = wrow[k * wk];
-        if (a == A(0)) continue;
-        const A* b = B + k * ldb;
-        for (int x = x0; x < D; ++x) crow[x] += a * b[x];
-      }
-    }
-  }
-}
-
 // s[c] = exp(s[c] - shift) in place for c < n (-inf entries give 0); returns the sum.
 template <typename A>
 inline A exp_row_impl(A* __restrict s, int n, A shift) {
@@ -150,116 +119,38 @@ inline A exp_row_impl(A* __restrict s, int n, A shift) {
   return sum;
 }
 
-// Double versions: plain loops (used by the fp64 path, which is for testing).
-void tile_scores(double* S, const double* Q, int m, int D, const double* Kt) {
-  tile_scores_impl(S, Q, m, D, Kt);
-}
-void tile_acc(double* C, int64_t ldc, const double* W, int64_t wi, int64_t wk, int ni, int nk, const double* B,
-              int64_t ldb, int D) {
-  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
-}
 double exp_row(double* s, int n, double shift) {
   return exp_row_impl(s, n, shift);
 }
 
 #if ATTNKIT_CPU_AVX2
-// Float kernels for AVX2 + FMA with explicit 8-wide vectors (GCC / clang vector extensions), so the
-// accumulators stay in registers: 8 vectors hold one 64-wide score row, 4 vectors a 32-wide chunk
-// of the head dim.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // vf8 only passes between inlined helpers of this file
-#endif
-typedef float vf8 __attribute__((vector_size(32)));
-inline vf8 load8(const float* p) {
-  vf8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, vf8 v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-static_assert(kBlockN % 8 == 0, "tile kernels assume kBlockN is a multiple of 8");
-
-ATTNKIT_TARGET_AVX2 void tile_scores_avx2(float* S, const float* Q, int m, int D, const float* Kt) {
-  constexpr int kV = kBlockN / 8;
-  for (int r = 0; r < m; ++r) {
-    vf8 acc[kV];
-    for (int u = 0; u < kV; ++u) acc[u] = vf8{};
-    const float* qr = Q + int64_t(r) * D;
-    for (int x = 0; x < D; ++x) {
-      const vf8 a = vf8{} + qr[x];
-      const float* kt = Kt + int64_t(x) * kBlockN;
-      for (int u = 0; u < kV; ++u) acc[u] += a * load8(kt + 8 * u);
-    }
-    float* srow = S + int64_t(r) * kBlockN;
-    for (int u = 0; u < kV; ++u) store8(srow + 8 * u, acc[u]);
-  }
-}
-
-ATTNKIT_TARGET_AVX2 void tile_acc_avx2(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni,
-                                       int nk, const float* B, int64_t ldb, int D) {
-  for (int i = 0; i < ni; ++i) {
-    float* crow = C + i * ldc;
-    const float* wrow = W + i * wi;
-    int x0 = 0;
-    for (; x0 + 32 <= D; x0 += 32) {
-      vf8 c0 = load8(crow + x0), c1 = load8(crow + x0 + 8), c2 = load8(crow + x0 + 16), c3 = load8(crow + x0 + 24);
-      for (int k = 0; k < nk; ++k) {
-        const float a = wrow[k * wk];
-        if (a == 0.f) continue;
-        const vf8 av = vf8{} + a;
-        const float* b = B + k * ldb + x0;
-        c0 += av * load8(b);
-        c1 += av * load8(b + 8);
-        c2 += av * load8(b + 16);
-        c3 += av * load8(b + 24);
-      }
-      store8(crow + x0, c0);
-      store8(crow + x0 + 8, c1);
-      store8(crow + x0 + 16, c2);
-      store8(crow + x0 + 24, c3);
-    }
-    if (x0 < D) {
-      for (int k = 0; k < nk; ++k) {
-        const float a = wrow[k * wk];
-        if (a == 0.f) continue;
-        const float* b = B + k * ldb;
-        for (int x = x0; x < D; ++x) crow[x] += a * b[x];
-      }
-    }
-  }
-}
-
 ATTNKIT_TARGET_AVX2 float exp_row_avx2(float* s, int n, float shift) {
   return exp_row_impl(s, n, shift);
 }
-
-// ATTNKIT_CPU_NO_AVX2=1 forces the plain loops (lets the tests cover that path on any machine).
 bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          std::getenv("ATTNKIT_CPU_NO_AVX2") == nullptr;
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && fast_kernels();
   return has;
 }
-#endif  // ATTNKIT_CPU_AVX2
+#endif
 
-void tile_scores(float* S, const float* Q, int m, int D, const float* Kt) {
-#if ATTNKIT_CPU_AVX2
-  if (cpu_has_avx2()) return tile_scores_avx2(S, Q, m, D, Kt);
-#endif
-  tile_scores_impl(S, Q, m, D, Kt);
-}
-void tile_acc(float* C, int64_t ldc, const float* W, int64_t wi, int64_t wk, int ni, int nk, const float* B,
-              int64_t ldb, int D) {
-#if ATTNKIT_CPU_AVX2
-  if (cpu_has_avx2()) return tile_acc_avx2(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
-#endif
-  tile_acc_impl(C, ldc, W, wi, wk, ni, nk, B, ldb, D);
-}
 float exp_row(float* s, int n, float shift) {
 #if ATTNKIT_CPU_AVX2
   if (cpu_has_avx2()) return exp_row_avx2(s, n, shift);
 #endif
   return exp_row_impl(s, n, shift);
+}
+
+// Runs body(scratch, t) for every t in [0, n) on the intra-op threads; tasks go out in index order
+// from a shared counter; each thread makes its scratch once with make_scratch().
+template <typename MakeScratch, typename Body>
+void run_tasks(int64_t n, MakeScratch&& make_scratch, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(scratch, t);
+  });
 }
 
 // Everything one (batch, segment, output head) needs, with the base pointers resolved.
@@ -322,7 +213,7 @@ struct HeadCtx {
   }
 };
 
-// Loads rows [.., m) of one head into dst[m][D] (acc type); row_of(r) gives the source row.
+// Loads rows [0, m) of one head into dst[m][D] (acc type); row_of(r) gives the source row.
 template <typename T, typename A, typename RowFn>
 inline void load_rows(A* dst, const T* base, int64_t row_stride, int m, int D, RowFn row_of) {
   for (int r = 0; r < m; ++r) {
@@ -332,7 +223,7 @@ inline void load_rows(A* dst, const T* base, int64_t row_stride, int m, int D, R
   }
 }
 
-// Loads rows transposed: dst[D][kBlockN], column r holds source row row_of(r).
+// Loads rows transposed: dst[D][kBlockN], column c holds source row row_of(c).
 template <typename T, typename A, typename RowFn>
 inline void load_rows_t(A* dst, const T* base, int64_t row_stride, int n, int D, RowFn row_of) {
   for (int c = 0; c < n; ++c) {
@@ -341,21 +232,77 @@ inline void load_rows_t(A* dst, const T* base, int64_t row_stride, int n, int D,
   }
 }
 
-// Turns the raw products S[r][c] = q_i . k_j (from tile_scores) of query rows [i0, i0 + m) and
-// keys [j0, j0 + n) into scores: scale, bias, masks (-inf where the key is not visible), self
+// dst[c][r] = src[r][c] for r < m, c < n (src row stride kBlockN, dst row stride kBlockM).
+template <typename A>
+inline void transpose_tile(A* __restrict dst, const A* __restrict src, int m, int n) {
+  for (int r0 = 0; r0 < m; r0 += 8) {
+    const int r1 = std::min(m, r0 + 8);
+    for (int c = 0; c < n; ++c)
+      for (int r = r0; r < r1; ++r) dst[int64_t(c) * kBlockM + r] = src[int64_t(r) * kBlockN + c];
+  }
+}
+
+// A tile of n key columns: j0 + c, or cols[c] when the tile is gathered.
+struct KeyTile {
+  int64_t j0;
+  int n;
+  const int* cols;
+  int64_t col(int c) const { return cols ? int64_t(cols[c]) : j0 + c; }
+};
+
+// Calls fn(tile) for the key tiles that query rows [i0, i0 + m) of ctx must visit, in ascending key
+// order. cols is scratch for gathered tiles.
+template <typename T, typename Fn>
+void for_each_key_tile(const HeadCtx<T>& ctx, int64_t i0, int m, std::vector<int>& cols, Fn&& fn) {
+  const FlashParams& p = *ctx.p;
+  int64_t jlo, jhi;
+  ctx.key_range(i0, i0 + m, jlo, jhi);
+  if (jhi <= jlo) return;
+  // Kept predicate over a row-broadcast bias: row r keeps key j only if bias[j] >= thr[r] (strictly
+  // greater, or equal and inside the tie), so keys below the smallest threshold of the block are
+  // kept by none of its rows. A NaN threshold keeps nothing and is skipped by std::min.
+  if (ctx.thr && ctx.bias && p.bias_row_stride == 0 && !ctx.kidx) {
+    float tmin = std::numeric_limits<float>::infinity();
+    for (int r = 0; r < m; ++r) tmin = std::min(tmin, ctx.thr[ctx.row0 + i0 + r]);
+    const float* brow = ctx.bias + ctx.col0;
+    cols.clear();
+    for (int64_t j = jlo; j < jhi; ++j)
+      if (brow[j] >= tmin) cols.push_back(int(j));
+    const int64_t cnt = int64_t(cols.size());
+    if (cnt == 0) return;
+    if (cnt * 4 <= (jhi - jlo) * 3) {  // few enough to be worth gathering
+      for (int64_t off = 0; off < cnt; off += kBlockN)
+        fn(KeyTile{0, int(std::min<int64_t>(kBlockN, cnt - off)), cols.data() + off});
+      return;
+    }
+    size_t u = 0;  // contiguous tiles that hold at least one candidate
+    for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockN) {
+      const int n = int(std::min<int64_t>(kBlockN, jhi - j0));
+      while (u < cols.size() && cols[u] < j0) ++u;
+      if (u < cols.size() && cols[u] < j0 + n) fn(KeyTile{j0, n, nullptr});
+    }
+    return;
+  }
+  for (int64_t j0 = jlo; j0 < jhi; j0 += kBlockN) fn(KeyTile{j0, int(std::min<int64_t>(kBlockN, jhi - j0)), nullptr});
+}
+
+// Turns the raw products S[r][c] = q_i . k_j (row stride kBlockN) of query rows [i0, i0 + m) and the
+// key columns of tile into scores: scale, bias, masks (-inf where the key is not visible), self
 // score. When nograd is given, nograd[r][c] = 1 marks scores replaced by self_score (their gradient
-// reaches neither q, k nor the bias). Tiles that no mask touches take a vectorisable path.
+// reaches neither q, k nor the bias). Contiguous tiles that no mask touches take a vectorisable path.
 template <typename T, typename A>
-void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, A* S, uint8_t* nograd) {
+void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile, A* S, uint8_t* nograd) {
   const FlashParams& p = *ctx.p;
   const A scale = static_cast<A>(p.scale);
   const A neg_inf = -std::numeric_limits<A>::infinity();
   const bool indexed = ctx.qidx || ctx.kidx;
   const bool check_causal = p.causal;
   const bool check_window = p.window_left >= 0;
+  const int n = tile.n;
+  const int64_t j0 = tile.j0;
   // Without gathers, positions are i and j: the tile needs no causal check when its last key is
   // visible to its first row, and no window check when its first key is visible to its last row.
-  const bool clean = !indexed && !ctx.thr && !p.self_mask &&
+  const bool clean = !tile.cols && !indexed && !ctx.thr && !p.self_mask &&
                      (!check_causal || j0 + n - 1 <= i0 + ctx.shift) &&
                      (!check_window || j0 >= i0 + m - 1 + ctx.shift - p.window_left);
   if (clean) {
@@ -380,7 +327,7 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, 
     const int64_t tie = ctx.tie ? int64_t(ctx.tie[ctx.row0 + i]) : 0;
     uint8_t* ng = nograd ? nograd + int64_t(r) * kBlockN : nullptr;
     for (int c = 0; c < n; ++c) {
-      const int64_t j = j0 + c;
+      const int64_t j = tile.col(c);
       const int64_t pj = ctx.kpos(j);
       bool vis = true;
       if (check_causal && pj > pi + ctx.shift) vis = false;
@@ -404,296 +351,383 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, 
 // ------------------------------------------------------------------------------------------------
 // Forward
 // ------------------------------------------------------------------------------------------------
+template <typename A>
+struct FwdScratch {
+  std::vector<A> Q, O, Kt, V, S, mx, l;
+  std::vector<int> cols;
+  FwdScratch(int D)
+      : Q(int64_t(kBlockM) * D),
+        O(int64_t(kBlockM) * D),
+        Kt(int64_t(D) * kBlockN),
+        V(int64_t(kBlockN) * D),
+        S(int64_t(kBlockM) * kBlockN),
+        mx(kBlockM),
+        l(kBlockM) {}
+};
+
 template <typename T>
 void fwd_impl(const FlashParams& p) {
   using A = typename AccType<T>::type;
+  constexpr bool kInPlace = std::is_same_v<T, A>;  // inputs usable as GEMM operands without a copy
+  const bool fast = fast_kernels();
   const int D = p.head_dim;
   const int64_t BS = int64_t(p.batch) * p.num_segments;
   const int64_t nblk = ceil_div(p.seqlen_q, kBlockM);
   const int64_t ntask = BS * p.h_out * nblk;
-  if (ntask == 0) return;
   const A neg_inf = -std::numeric_limits<A>::infinity();
 
-  at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-    // Zero-initialised once: columns past n of a partial tile then hold finite stale values.
-    std::vector<A> Q(int64_t(kBlockM) * D), O(int64_t(kBlockM) * D), Kt(int64_t(D) * kBlockN),
-        V(int64_t(kBlockN) * D), S(int64_t(kBlockM) * kBlockN), mx(kBlockM), l(kBlockM);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t blk = t % nblk;
-      const int h = int((t / nblk) % p.h_out);
-      const int64_t bs = t / (nblk * p.h_out);
-      const HeadCtx<T> ctx(p, int(bs / p.num_segments), int(bs % p.num_segments), h);
-      const int64_t i0 = blk * kBlockM;
-      const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
+  run_tasks(
+      ntask, [&] { return FwdScratch<A>(D); },
+      [&](FwdScratch<A>& w, int64_t t) {
+        const int64_t blk = nblk - 1 - t % nblk;  // the last query blocks see the most keys: first
+        const int h = int((t / nblk) % p.h_out);
+        const int64_t bs = t / (nblk * p.h_out);
+        const HeadCtx<T> ctx(p, int(bs / p.num_segments), int(bs % p.num_segments), h);
+        const int64_t i0 = blk * kBlockM;
+        const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
 
-      load_rows(Q.data(), ctx.q, p.q_row_stride, m, D, [&](int r) { return ctx.qrow(i0 + r); });
-      std::fill(O.begin(), O.end(), A(0));
-      std::fill(mx.begin(), mx.end(), neg_inf);
-      std::fill(l.begin(), l.end(), A(0));
-
-      int64_t jlo, jhi;
-      ctx.key_range(i0, i0 + m, jlo, jhi);
-      for (int64_t j0 = jlo - (jlo % kBlockN); j0 < jhi; j0 += kBlockN) {
-        const int n = int(std::min<int64_t>(kBlockN, p.seqlen_k - j0));
-        load_rows_t(Kt.data(), ctx.k, p.k_row_stride, n, D, [&](int c) { return ctx.krow(j0 + c); });
-        load_rows(V.data(), ctx.v, p.v_row_stride, n, D, [&](int c) { return ctx.krow(j0 + c); });
-        tile_scores(S.data(), Q.data(), m, D, Kt.data());
-        finish_scores(ctx, i0, m, j0, n, S.data(), static_cast<uint8_t*>(nullptr));
-        for (int r = 0; r < m; ++r) {
-          A* srow = S.data() + int64_t(r) * kBlockN;
-          A bmax = neg_inf;
-          for (int c = 0; c < n; ++c) bmax = std::max(bmax, srow[c]);
-          const A mnew = std::max(mx[r], bmax);
-          if (mnew == neg_inf) {  // nothing visible yet: this row contributes nothing
-            std::fill(srow, srow + n, A(0));
-            continue;
-          }
-          if (mnew != mx[r]) {
-            const A corr = std::exp(mx[r] - mnew);  // 0 when mx was -inf
-            l[r] *= corr;
-            A* orow = O.data() + int64_t(r) * D;
-            for (int x = 0; x < D; ++x) orow[x] *= corr;
-            mx[r] = mnew;
-          }
-          l[r] += exp_row(srow, n, mnew);  // S row now holds the unnormalised probabilities
-        }
-        tile_acc(O.data(), D, S.data(), kBlockN, 1, m, n, V.data(), D, D);  // O += P V
-      }
-
-      T* obase = static_cast<T*>(p.o) + ctx.b * p.o_batch_stride + int64_t(h) * p.o_head_stride;
-      float* lbase = p.lse + ctx.b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + ctx.row0;
-      for (int r = 0; r < m; ++r) {
-        T* orow = obase + (ctx.row0 + i0 + r) * p.o_row_stride;
-        if (!(l[r] > A(0))) {
-          for (int x = 0; x < D; ++x) orow[x] = static_cast<T>(0);
-          lbase[i0 + r] = -std::numeric_limits<float>::infinity();
+        const A* Qp = w.Q.data();
+        int64_t ldq = D;
+        if (kInPlace && !ctx.qidx) {
+          Qp = reinterpret_cast<const A*>(ctx.q) + ctx.qrow(i0) * p.q_row_stride;
+          ldq = p.q_row_stride;
         } else {
-          const A inv = A(1) / l[r];
-          const A* acc = O.data() + int64_t(r) * D;
-          for (int x = 0; x < D; ++x) orow[x] = static_cast<T>(acc[x] * inv);
-          lbase[i0 + r] = static_cast<float>(mx[r] + std::log(l[r]));
+          load_rows(w.Q.data(), ctx.q, p.q_row_stride, m, D, [&](int r) { return ctx.qrow(i0 + r); });
         }
-      }
-    }
-  });
+        std::fill(w.O.begin(), w.O.end(), A(0));
+        std::fill(w.mx.begin(), w.mx.end(), neg_inf);
+        std::fill(w.l.begin(), w.l.end(), A(0));
+        A* S = w.S.data();
+        A* O = w.O.data();
+
+        for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
+          const int n = tile.n;
+          auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
+          load_rows_t(w.Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
+          const A* Vp = w.V.data();
+          int64_t ldv = D;
+          if (kInPlace && !tile.cols && !ctx.kidx) {
+            Vp = reinterpret_cast<const A*>(ctx.v) + ctx.krow(tile.j0) * p.v_row_stride;
+            ldv = p.v_row_stride;
+          } else {
+            load_rows(w.V.data(), ctx.v, p.v_row_stride, n, D, kr);
+          }
+          cpu::gemm_nn(m, n, D, Qp, ldq, w.Kt.data(), kBlockN, S, kBlockN, false, fast);  // S = Q K^T
+          finish_scores(ctx, i0, m, tile, S, static_cast<uint8_t*>(nullptr));
+          for (int r = 0; r < m; ++r) {
+            A* srow = S + int64_t(r) * kBlockN;
+            A bmax = neg_inf;
+            for (int c = 0; c < n; ++c) bmax = std::max(bmax, srow[c]);
+            const A mnew = std::max(w.mx[r], bmax);
+            if (mnew == neg_inf) {  // nothing visible yet: this row contributes nothing
+              std::fill(srow, srow + n, A(0));
+              continue;
+            }
+            if (mnew != w.mx[r]) {
+              const A corr = std::exp(w.mx[r] - mnew);  // 0 when mx was -inf
+              w.l[r] *= corr;
+              A* orow = O + int64_t(r) * D;
+              for (int x = 0; x < D; ++x) orow[x] *= corr;
+              w.mx[r] = mnew;
+            }
+            w.l[r] += exp_row(srow, n, mnew);  // S row now holds the unnormalised probabilities
+          }
+          cpu::gemm_nn(m, D, n, S, kBlockN, Vp, ldv, O, D, true, fast);  // O += P V
+        });
+
+        T* obase = static_cast<T*>(p.o) + ctx.b * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+        float* lbase = p.lse + ctx.b * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + ctx.row0;
+        for (int r = 0; r < m; ++r) {
+          T* orow = obase + (ctx.row0 + i0 + r) * p.o_row_stride;
+          if (!(w.l[r] > A(0))) {
+            for (int x = 0; x < D; ++x) orow[x] = static_cast<T>(0);
+            lbase[i0 + r] = -std::numeric_limits<float>::infinity();
+          } else {
+            const A inv = A(1) / w.l[r];
+            const A* acc = O + int64_t(r) * D;
+            for (int x = 0; x < D; ++x) orow[x] = static_cast<T>(acc[x] * inv);
+            lbase[i0 + r] = static_cast<float>(w.mx[r] + std::log(w.l[r]));
+          }
+        }
+      });
 }
 
 // ------------------------------------------------------------------------------------------------
 // Backward
 // ------------------------------------------------------------------------------------------------
-
-// One (query block, key tile) step shared by both backward passes. On return S holds
-// P = exp(score - lse) (0 where masked or where lse = -inf) and dS = P * (dO . V - delta), with
-// dS = 0 on self-scored entries (their score is a constant). dP is scratch of kBlockM x kBlockN.
-template <typename T, typename A>
-void bwd_tile(const HeadCtx<T>& ctx, int64_t i0, int m, int64_t j0, int n, const A* Q, const A* dO, const A* lse,
-              const A* delta, const A* Kt, const A* Vt, A* S, A* dP, A* dS, uint8_t* nograd) {
-  const int D = ctx.p->head_dim;
-  const A neg_inf = -std::numeric_limits<A>::infinity();
-  const bool self_mask = ctx.p->self_mask;
-  tile_scores(S, Q, m, D, Kt);
-  finish_scores(ctx, i0, m, j0, n, S, self_mask ? nograd : nullptr);
-  tile_scores(dP, dO, m, D, Vt);
-  for (int r = 0; r < m; ++r) {
-    A* srow = S + int64_t(r) * kBlockN;
-    A* dsrow = dS + int64_t(r) * kBlockN;
-    if (lse[r] == neg_inf) {
-      std::fill(srow, srow + n, A(0));
-      std::fill(dsrow, dsrow + n, A(0));
-      continue;
-    }
-    exp_row(srow, n, lse[r]);
-    const A* dprow = dP + int64_t(r) * kBlockN;
-    const A dl = delta[r];
-    for (int c = 0; c < n; ++c) dsrow[c] = srow[c] * (dprow[c] - dl);
-    if (self_mask) {
-      const uint8_t* ng = nograd + int64_t(r) * kBlockN;
-      for (int c = 0; c < n; ++c)
-        if (ng[c]) dsrow[c] = A(0);
-    }
-  }
-}
+template <typename A>
+struct BwdScratch {
+  std::vector<A> Q, dO, Kt, Vt, K, S, dP, dS, Pt, dSt, dQ, lse, dl, dK, dV, tK, tV, colsum;
+  std::vector<uint8_t> ng;
+  std::vector<int> cols;
+  BwdScratch(int D, int64_t lk, bool colsums)
+      : Q(int64_t(kBlockM) * D),
+        dO(int64_t(kBlockM) * D),
+        Kt(int64_t(D) * kBlockN),
+        Vt(int64_t(D) * kBlockN),
+        K(int64_t(kBlockN) * D),
+        S(int64_t(kBlockM) * kBlockN),
+        dP(int64_t(kBlockM) * kBlockN),
+        dS(int64_t(kBlockM) * kBlockN),
+        Pt(int64_t(kBlockN) * kBlockM),
+        dSt(int64_t(kBlockN) * kBlockM),
+        dQ(int64_t(kBlockM) * D),
+        lse(kBlockM),
+        dl(kBlockM),
+        dK(lk * D),
+        dV(lk * D),
+        tK(int64_t(kBlockN) * D),
+        tV(int64_t(kBlockN) * D),
+        colsum(colsums ? lk : 0),
+        ng(int64_t(kBlockM) * kBlockN) {}
+};
 
 template <typename T>
 void bwd_impl(const FlashParams& p) {
   using A = typename AccType<T>::type;
+  constexpr bool kInPlace = std::is_same_v<T, A>;
+  const bool fast = fast_kernels();
   const int D = p.head_dim;
   const int64_t BS = int64_t(p.batch) * p.num_segments;
   const int64_t rows_q = int64_t(p.num_segments) * p.seqlen_q;  // segment-space rows per batch
+  const int64_t rows_k = int64_t(p.num_segments) * p.seqlen_k;
+  const int64_t lk = p.seqlen_k;
   const A scale = static_cast<A>(p.scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
   if (p.dbias) {
     TORCH_CHECK(p.bias != nullptr, "flash_bwd_cpu: dbias needs bias");
     TORCH_CHECK(p.bias_head_group >= 1 && p.kv_group % p.bias_head_group == 0,
                 "flash_bwd_cpu: the output heads of a bias head must lie in one KV head's group "
                 "(bias_head_group must divide kv_group)");
   }
+  const bool bias_rowwise = p.bias && p.bias_row_stride != 0;
+  const bool colsums = p.dbias && !bias_rowwise;
+  // fp32 partials per output head where output heads share a gradient; summed after the tasks.
+  const bool q_shared = p.q_group > 1, kv_shared = p.kv_group > 1;
+  const int64_t HO = p.h_out;
+  std::vector<A> dq_part(q_shared ? size_t(p.batch) * HO * rows_q * D : 0);
+  std::vector<A> dk_part(kv_shared ? size_t(p.batch) * HO * rows_k * D : 0);
+  std::vector<A> dv_part(kv_shared ? size_t(p.batch) * HO * rows_k * D : 0);
+  std::vector<A> db_part(colsums ? size_t(p.batch) * HO * rows_k : 0);
+  const int64_t nblk = ceil_div(p.seqlen_q, kBlockM);
 
-  // ---- pass 0: delta[b][h][row] = dout . o ----
-  std::vector<A> delta(size_t(p.batch) * p.h_out * rows_q);
-  {
-    const int64_t nrow_tasks = int64_t(p.batch) * p.h_out;
-    at::parallel_for(0, nrow_tasks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / p.h_out;
-        const int64_t h = t % p.h_out;
-        const T* ob = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride;
-        const T* db = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride;
-        A* out = delta.data() + t * rows_q;
-        for (int64_t i = 0; i < rows_q; ++i) {
-          const T* orow = ob + i * p.o_row_stride;
-          const T* drow = db + i * p.do_row_stride;
-          A acc = A(0);
-          for (int x = 0; x < D; ++x) acc += static_cast<A>(orow[x]) * static_cast<A>(drow[x]);
-          out[i] = acc;
-        }
-      }
-    });
-  }
-
-  // Loads Q, dO, lse and delta of query rows [i0, i0 + m) for output head ctx.h.
-  auto load_query_side = [&](const HeadCtx<T>& ctx, int64_t i0, int m, A* Q, A* dO, A* lse, A* dl) {
-    load_rows(Q, ctx.q, p.q_row_stride, m, D, [&](int r) { return ctx.qrow(i0 + r); });
-    const T* db = static_cast<const T*>(p.dout) + ctx.b * p.do_batch_stride + int64_t(ctx.h) * p.do_head_stride;
-    load_rows(dO, db, p.do_row_stride, m, D, [&](int r) { return ctx.row0 + i0 + r; });
-    const float* lb = p.lse + ctx.b * p.lse_batch_stride + int64_t(ctx.h) * p.lse_head_stride + ctx.row0 + i0;
-    const A* dlb = delta.data() + (int64_t(ctx.b) * p.h_out + ctx.h) * rows_q + ctx.row0 + i0;
-    for (int r = 0; r < m; ++r) {
-      lse[r] = static_cast<A>(lb[r]);
-      dl[r] = dlb[r];
-    }
-  };
-
-  // ---- pass 1: dq ----
-  {
-    const int64_t nblk = ceil_div(p.seqlen_q, kBlockM);
-    const int64_t ntask = BS * p.h_q * nblk;
-    at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> Q(int64_t(kBlockM) * D), dO(int64_t(kBlockM) * D), dQ(int64_t(kBlockM) * D),
-          Kt(int64_t(D) * kBlockN), K(int64_t(kBlockN) * D), Vt(int64_t(D) * kBlockN), S(int64_t(kBlockM) * kBlockN),
-          dP(int64_t(kBlockM) * kBlockN), dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM);
-      std::vector<uint8_t> ng(int64_t(kBlockM) * kBlockN);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t blk = t % nblk;
-        const int hq = int((t / nblk) % p.h_q);
-        const int64_t bs = t / (nblk * p.h_q);
+  run_tasks(
+      BS * HO, [&] { return BwdScratch<A>(D, lk, colsums); },
+      [&](BwdScratch<A>& w, int64_t t) {
+        const int h = int(t % HO);
+        const int64_t bs = t / HO;
         const int b = int(bs / p.num_segments), s = int(bs % p.num_segments);
-        const int64_t i0 = blk * kBlockM;
-        const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
-        std::fill(dQ.begin(), dQ.end(), A(0));
-        for (int g = 0; g < p.q_group; ++g) {
-          const HeadCtx<T> ctx(p, b, s, hq * p.q_group + g);
-          load_query_side(ctx, i0, m, Q.data(), dO.data(), lse.data(), dl.data());
-          int64_t jlo, jhi;
-          ctx.key_range(i0, i0 + m, jlo, jhi);
-          for (int64_t j0 = jlo - (jlo % kBlockN); j0 < jhi; j0 += kBlockN) {
-            const int n = int(std::min<int64_t>(kBlockN, p.seqlen_k - j0));
-            auto kr = [&](int c) { return ctx.krow(j0 + c); };
-            load_rows_t(Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
-            load_rows(K.data(), ctx.k, p.k_row_stride, n, D, kr);
-            load_rows_t(Vt.data(), ctx.v, p.v_row_stride, n, D, kr);
-            bwd_tile(ctx, i0, m, j0, n, Q.data(), dO.data(), lse.data(), dl.data(), Kt.data(), Vt.data(), S.data(),
-                     dP.data(), dS.data(), ng.data());
-            tile_acc(dQ.data(), D, dS.data(), kBlockN, 1, m, n, K.data(), D, D);  // dQ += dS K
-          }
-        }
-        T* dqb = static_cast<T*>(p.dq) + int64_t(b) * p.dq_batch_stride + int64_t(hq) * p.dq_head_stride;
-        const int64_t row0 = int64_t(s) * p.seqlen_q;
-        for (int r = 0; r < m; ++r) {
-          T* dst = dqb + (row0 + i0 + r) * p.dq_row_stride;
-          const A* src = dQ.data() + int64_t(r) * D;
-          for (int x = 0; x < D; ++x) dst[x] = static_cast<T>(src[x] * scale);
-        }
-      }
-    });
-  }
-
-  // ---- pass 2: dk, dv, dbias ----
-  {
-    const int64_t nblk = ceil_div(p.seqlen_k, kBlockN);
-    const int64_t ntask = BS * p.h_kv * nblk;
-    const bool bias_rowwise = p.bias && p.bias_row_stride != 0;
-    const int bhg = p.bias ? p.bias_head_group : 1;
-    const int nbh = p.dbias ? p.kv_group / bhg : 0;  // bias heads inside one KV head's group
-    at::parallel_for(0, ntask, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> Q(int64_t(kBlockM) * D), dO(int64_t(kBlockM) * D), Kt(int64_t(D) * kBlockN),
-          Vt(int64_t(D) * kBlockN), dK(int64_t(kBlockN) * D), dV(int64_t(kBlockN) * D), S(int64_t(kBlockM) * kBlockN),
-          dP(int64_t(kBlockM) * kBlockN), dS(int64_t(kBlockM) * kBlockN), lse(kBlockM), dl(kBlockM),
-          colsum(int64_t(std::max(nbh, 1)) * kBlockN);
-      std::vector<uint8_t> ng(int64_t(kBlockM) * kBlockN);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t blk = t % nblk;
-        const int g = int((t / nblk) % p.h_kv);
-        const int64_t bs = t / (nblk * p.h_kv);
-        const int b = int(bs / p.num_segments), s = int(bs % p.num_segments);
-        const int64_t j0 = blk * kBlockN;
-        const int n = int(std::min<int64_t>(kBlockN, p.seqlen_k - j0));
-        const int64_t row0 = int64_t(s) * p.seqlen_q, col0 = int64_t(s) * p.seqlen_k;
-        std::fill(dK.begin(), dK.end(), A(0));
-        std::fill(dV.begin(), dV.end(), A(0));
-        std::fill(colsum.begin(), colsum.end(), A(0));
+        const HeadCtx<T> ctx(p, b, s, h);
+        const int64_t row0 = ctx.row0, col0 = ctx.col0;
+        std::fill(w.dK.begin(), w.dK.end(), A(0));
+        std::fill(w.dV.begin(), w.dV.end(), A(0));
+        std::fill(w.colsum.begin(), w.colsum.end(), A(0));
         float* dbb = p.dbias ? p.dbias + int64_t(b) * p.dbias_batch_stride : nullptr;
-        if (dbb && bias_rowwise) {  // this task owns rows [row0, row0 + seqlen_q) x cols of the block
-          for (int u = 0; u < nbh; ++u) {
-            float* base = dbb + int64_t(g * nbh + u) * p.dbias_head_stride + col0 + j0;
-            for (int64_t i = 0; i < p.seqlen_q; ++i)
-              std::fill(base + (row0 + i) * p.dbias_row_stride, base + (row0 + i) * p.dbias_row_stride + n, 0.f);
+        float* dbh = nullptr;  // per-row dbias of this head (bias_head_group == 1)
+        if (dbb && bias_rowwise) {
+          dbh = dbb + int64_t(h) * p.dbias_head_stride;
+          for (int64_t i = 0; i < p.seqlen_q; ++i) {
+            float* dst = dbh + (row0 + i) * p.dbias_row_stride + col0;
+            std::fill(dst, dst + lk, 0.f);
           }
         }
-        for (int gg = 0; gg < p.kv_group; ++gg) {
-          const int h = g * p.kv_group + gg;
-          const HeadCtx<T> ctx(p, b, s, h);
-          auto kr = [&](int c) { return ctx.krow(j0 + c); };
-          load_rows_t(Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
-          load_rows_t(Vt.data(), ctx.v, p.v_row_stride, n, D, kr);
-          const int u = dbb ? (h / bhg) - g * nbh : 0;
-          int64_t ilo, ihi;
-          ctx.query_range(j0, j0 + n, ilo, ihi);
-          for (int64_t i0 = ilo - (ilo % kBlockM); i0 < ihi; i0 += kBlockM) {
-            const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
-            load_query_side(ctx, i0, m, Q.data(), dO.data(), lse.data(), dl.data());
-            bwd_tile(ctx, i0, m, j0, n, Q.data(), dO.data(), lse.data(), dl.data(), Kt.data(), Vt.data(), S.data(),
-                     dP.data(), dS.data(), ng.data());
-            tile_acc(dV.data(), D, S.data(), 1, kBlockN, n, m, dO.data(), D, D);  // dV += P^T dO
-            tile_acc(dK.data(), D, dS.data(), 1, kBlockN, n, m, Q.data(), D, D);  // dK += dS^T Q
-            if (dbb) {
-              if (bias_rowwise) {
-                float* base = dbb + int64_t(h / bhg) * p.dbias_head_stride + col0 + j0;
-                for (int r = 0; r < m; ++r) {
-                  float* dst = base + (row0 + i0 + r) * p.dbias_row_stride;
-                  const A* dsr = dS.data() + int64_t(r) * kBlockN;
-                  for (int c = 0; c < n; ++c) dst[c] += static_cast<float>(dsr[c]);
-                }
-              } else {
-                A* cs = colsum.data() + int64_t(u) * kBlockN;
-                for (int r = 0; r < m; ++r) {
-                  const A* dsr = dS.data() + int64_t(r) * kBlockN;
-                  for (int c = 0; c < n; ++c) cs[c] += dsr[c];
+        const T* ob = static_cast<const T*>(p.o) + int64_t(b) * p.o_batch_stride + int64_t(h) * p.o_head_stride;
+        const T* db = static_cast<const T*>(p.dout) + int64_t(b) * p.do_batch_stride + int64_t(h) * p.do_head_stride;
+        const float* lb = p.lse + int64_t(b) * p.lse_batch_stride + int64_t(h) * p.lse_head_stride + row0;
+        A* S = w.S.data();
+        A* dP = w.dP.data();
+        A* dS = w.dS.data();
+
+        for (int64_t blk = 0; blk < nblk; ++blk) {
+          const int64_t i0 = blk * kBlockM;
+          const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
+          const A* Qp = w.Q.data();
+          int64_t ldq = D;
+          if (kInPlace && !ctx.qidx) {
+            Qp = reinterpret_cast<const A*>(ctx.q) + ctx.qrow(i0) * p.q_row_stride;
+            ldq = p.q_row_stride;
+          } else {
+            load_rows(w.Q.data(), ctx.q, p.q_row_stride, m, D, [&](int r) { return ctx.qrow(i0 + r); });
+          }
+          const A* dOp = w.dO.data();
+          int64_t lddo = D;
+          if (kInPlace) {
+            dOp = reinterpret_cast<const A*>(db) + (row0 + i0) * p.do_row_stride;
+            lddo = p.do_row_stride;
+          } else {
+            load_rows(w.dO.data(), db, p.do_row_stride, m, D, [&](int r) { return row0 + i0 + r; });
+          }
+          for (int r = 0; r < m; ++r) {  // delta = dout . o
+            const T* orow = ob + (row0 + i0 + r) * p.o_row_stride;
+            const A* drow = dOp + r * lddo;
+            A acc = A(0);
+            for (int x = 0; x < D; ++x) acc += static_cast<A>(orow[x]) * drow[x];
+            w.dl[r] = acc;
+            w.lse[r] = static_cast<A>(lb[i0 + r]);
+          }
+          std::fill(w.dQ.begin(), w.dQ.end(), A(0));
+
+          for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
+            const int n = tile.n;
+            auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
+            load_rows_t(w.Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
+            load_rows_t(w.Vt.data(), ctx.v, p.v_row_stride, n, D, kr);
+            const A* Kp = w.K.data();
+            int64_t ldk = D;
+            if (kInPlace && !tile.cols && !ctx.kidx) {
+              Kp = reinterpret_cast<const A*>(ctx.k) + ctx.krow(tile.j0) * p.k_row_stride;
+              ldk = p.k_row_stride;
+            } else {
+              load_rows(w.K.data(), ctx.k, p.k_row_stride, n, D, kr);
+            }
+            cpu::gemm_nn(m, n, D, Qp, ldq, w.Kt.data(), kBlockN, S, kBlockN, false, fast);  // S = Q K^T
+            finish_scores(ctx, i0, m, tile, S, p.self_mask ? w.ng.data() : nullptr);
+            cpu::gemm_nn(m, n, D, dOp, lddo, w.Vt.data(), kBlockN, dP, kBlockN, false, fast);  // dP = dO V^T
+            for (int r = 0; r < m; ++r) {
+              A* srow = S + int64_t(r) * kBlockN;
+              A* dsrow = dS + int64_t(r) * kBlockN;
+              if (w.lse[r] == neg_inf) {
+                std::fill(srow, srow + n, A(0));
+                std::fill(dsrow, dsrow + n, A(0));
+                continue;
+              }
+              exp_row(srow, n, w.lse[r]);  // P
+              const A* dprow = dP + int64_t(r) * kBlockN;
+              const A dl = w.dl[r];
+              for (int c = 0; c < n; ++c) dsrow[c] = srow[c] * (dprow[c] - dl);
+              if (p.self_mask) {
+                const uint8_t* ng = w.ng.data() + int64_t(r) * kBlockN;
+                for (int c = 0; c < n; ++c)
+                  if (ng[c]) dsrow[c] = A(0);
+              }
+            }
+            cpu::gemm_nn(m, D, n, dS, kBlockN, Kp, ldk, w.dQ.data(), D, true, fast);  // dQ += dS K
+            transpose_tile(w.Pt.data(), S, m, n);
+            transpose_tile(w.dSt.data(), dS, m, n);
+            if (!tile.cols) {
+              A* dV = w.dV.data() + tile.j0 * D;
+              A* dK = w.dK.data() + tile.j0 * D;
+              cpu::gemm_nn(n, D, m, w.Pt.data(), kBlockM, dOp, lddo, dV, D, true, fast);  // dV += P^T dO
+              cpu::gemm_nn(n, D, m, w.dSt.data(), kBlockM, Qp, ldq, dK, D, true, fast);  // dK += dS^T Q
+            } else {
+              cpu::gemm_nn(n, D, m, w.Pt.data(), kBlockM, dOp, lddo, w.tV.data(), D, false, fast);
+              cpu::gemm_nn(n, D, m, w.dSt.data(), kBlockM, Qp, ldq, w.tK.data(), D, false, fast);
+              for (int c = 0; c < n; ++c) {
+                A* dV = w.dV.data() + tile.col(c) * D;
+                A* dK = w.dK.data() + tile.col(c) * D;
+                const A* sv = w.tV.data() + int64_t(c) * D;
+                const A* sk = w.tK.data() + int64_t(c) * D;
+                for (int x = 0; x < D; ++x) {
+                  dV[x] += sv[x];
+                  dK[x] += sk[x];
                 }
               }
             }
+            if (dbh) {
+              for (int r = 0; r < m; ++r) {
+                float* dst = dbh + (row0 + i0 + r) * p.dbias_row_stride + col0;
+                const A* dsr = dS + int64_t(r) * kBlockN;
+                for (int c = 0; c < n; ++c) dst[tile.col(c)] = static_cast<float>(dsr[c]);
+              }
+            } else if (colsums) {
+              const A* dst_t = w.dSt.data();
+              for (int c = 0; c < n; ++c) {
+                const A* col = dst_t + int64_t(c) * kBlockM;
+                A acc = A(0);
+                for (int r = 0; r < m; ++r) acc += col[r];
+                w.colsum[tile.col(c)] += acc;
+              }
+            }
+          });
+
+          if (q_shared) {
+            A* dst = dq_part.data() + ((int64_t(b) * HO + h) * rows_q + row0 + i0) * D;
+            std::copy(w.dQ.begin(), w.dQ.begin() + int64_t(m) * D, dst);
+          } else {
+            T* dqb = static_cast<T*>(p.dq) + int64_t(b) * p.dq_batch_stride + int64_t(ctx.hq) * p.dq_head_stride;
+            for (int r = 0; r < m; ++r) {
+              T* dst = dqb + (row0 + i0 + r) * p.dq_row_stride;
+              const A* src = w.dQ.data() + int64_t(r) * D;
+              for (int x = 0; x < D; ++x) dst[x] = static_cast<T>(src[x] * scale);
+            }
           }
         }
-        T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.dk_batch_stride + int64_t(g) * p.dk_head_stride;
-        T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.dv_batch_stride + int64_t(g) * p.dv_head_stride;
-        for (int c = 0; c < n; ++c) {
-          T* dk_dst = dkb + (col0 + j0 + c) * p.dk_row_stride;
-          T* dv_dst = dvb + (col0 + j0 + c) * p.dv_row_stride;
-          const A* dks = dK.data() + int64_t(c) * D;
-          const A* dvs = dV.data() + int64_t(c) * D;
+
+        if (kv_shared) {
+          const int64_t off = ((int64_t(b) * HO + h) * rows_k + col0) * D;
+          std::copy(w.dK.begin(), w.dK.end(), dk_part.begin() + off);
+          std::copy(w.dV.begin(), w.dV.end(), dv_part.begin() + off);
+        } else {
+          T* dkb = static_cast<T*>(p.dk) + int64_t(b) * p.dk_batch_stride + int64_t(ctx.hkv) * p.dk_head_stride;
+          T* dvb = static_cast<T*>(p.dv) + int64_t(b) * p.dv_batch_stride + int64_t(ctx.hkv) * p.dv_head_stride;
+          for (int64_t j = 0; j < lk; ++j) {
+            T* dk_dst = dkb + (col0 + j) * p.dk_row_stride;
+            T* dv_dst = dvb + (col0 + j) * p.dv_row_stride;
+            const A* dks = w.dK.data() + j * D;
+            const A* dvs = w.dV.data() + j * D;
+            for (int x = 0; x < D; ++x) {
+              dk_dst[x] = static_cast<T>(dks[x] * scale);
+              dv_dst[x] = static_cast<T>(dvs[x]);
+            }
+          }
+        }
+        if (colsums) std::copy(w.colsum.begin(), w.colsum.end(), db_part.begin() + (int64_t(b) * HO + h) * rows_k + col0);
+      });
+
+  // ---- sums of the per-output-head partials, in head order ----
+  if (q_shared) {
+    const int G = p.q_group;
+    at::parallel_for(0, int64_t(p.batch) * p.h_q, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / p.h_q, hq = u % p.h_q;
+        T* dqb = static_cast<T*>(p.dq) + b * p.dq_batch_stride + hq * p.dq_head_stride;
+        for (int64_t i = 0; i < rows_q; ++i) {
+          T* dst = dqb + i * p.dq_row_stride;
           for (int x = 0; x < D; ++x) {
-            dk_dst[x] = static_cast<T>(dks[x] * scale);
-            dv_dst[x] = static_cast<T>(dvs[x]);
-          }
-        }
-        if (dbb && !bias_rowwise) {
-          for (int u = 0; u < nbh; ++u) {
-            float* dst = dbb + int64_t(g * nbh + u) * p.dbias_head_stride + col0 + j0;
-            const A* cs = colsum.data() + int64_t(u) * kBlockN;
-            for (int c = 0; c < n; ++c) dst[c] = static_cast<float>(cs[c]);
+            A acc = A(0);
+            for (int g = 0; g < G; ++g) acc += dq_part[((b * HO + hq * G + g) * rows_q + i) * D + x];
+            dst[x] = static_cast<T>(acc * scale);
           }
         }
       }
     });
+  }
+  if (kv_shared) {
+    const int G = p.kv_group;
+    at::parallel_for(0, int64_t(p.batch) * p.h_kv, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t u = begin; u < end; ++u) {
+        const int64_t b = u / p.h_kv, hk = u % p.h_kv;
+        T* dkb = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
+        T* dvb = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+        for (int64_t j = 0; j < rows_k; ++j) {
+          T* dk_dst = dkb + j * p.dk_row_stride;
+          T* dv_dst = dvb + j * p.dv_row_stride;
+          for (int x = 0; x < D; ++x) {
+            A ak = A(0), av = A(0);
+            for (int g = 0; g < G; ++g) {
+              const size_t idx = ((b * HO + hk * G + g) * rows_k + j) * D + x;
+              ak += dk_part[idx];
+              av += dv_part[idx];
+            }
+            dk_dst[x] = static_cast<T>(ak * scale);
+            dv_dst[x] = static_cast<T>(av);
+          }
+        }
+      }
+    });
+  }
+  if (colsums) {
+    const int bhg = p.bias_head_group;
+    const int64_t nbias = HO / bhg;
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t bh = 0; bh < nbias; ++bh) {
+        float* dst = p.dbias + b * p.dbias_batch_stride + bh * p.dbias_head_stride;
+        for (int64_t j = 0; j < rows_k; ++j) {
+          A acc = A(0);
+          for (int u = 0; u < bhg; ++u) acc += db_part[(b * HO + bh * bhg + u) * rows_k + j];
+          dst[j] = static_cast<float>(acc);
+        }
+      }
   }
 }
 

@@ -1,6 +1,7 @@
 // Lightning attention on the CPU: the same chunk pass as the CUDA kernels (lightning_params.h), with
 // the same chunking, sequence splitting (state-only phase, scan, main phase) and derivative mode.
-// Accumulates in fp32 (fp64 for fp64 inputs). Parallel over (sequence, head, segment).
+// Accumulates in fp32 (fp64 for fp64 inputs). Parallel over (sequence, head, segment). The chunk
+// products (intra-chunk scores, q S, the state update) are block GEMMs.
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include <cmath>
 #include <vector>
 
+#include "common/cpu_gemm.h"
 #include "lightning/lightning_api.h"
 
 namespace attnkit::lightning {
@@ -81,8 +83,10 @@ void run_unit(const PassParams& p, int n, int h, int seg, bool state_only) {
     }
   }
 
+  // Chunk products as block GEMMs (cpu::gemm_nn): rows are chunk positions, Kt / Kw are k transposed.
   std::vector<A> Q(size_t(BT) * dk), K(size_t(BT) * dk), V(size_t(BT) * dv), P(size_t(BT) * BT);
-  std::vector<A> qs(dv), qt(dv), o(dv);
+  std::vector<A> Kt(size_t(dk) * BT), Kw(deriv ? size_t(dk) * BT : 0), W(size_t(BT) * BT), QS(size_t(BT) * dv), QT(deriv ? size_t(BT) * dv : 0),
+      Y(size_t(BT) * dv);
   std::vector<int64_t> rows(BT);
   double dl = 0;  // d lambda partial: a long sum, kept in fp64
   const int64_t c_begin = seg * sp.chunks_per_seg;
@@ -103,83 +107,68 @@ void run_unit(const PassParams& p, int n, int h, int seg, bool state_only) {
         for (int d = 0; d < dk; ++d) Q[size_t(i) * dk + d] = to_acc<A>(qr[d]);
       }
     }
+    for (int i = 0; i < nr; ++i)
+      for (int d = 0; d < dk; ++d) Kt[size_t(d) * BT + i] = K[size_t(i) * dk + d];
     if (!state_only) {
-      // Intra-chunk scores q_i . k_j, j <= i.
-      for (int i = 0; i < nr; ++i)
-        for (int j = 0; j <= i; ++j) {
-          A acc = 0;
-          for (int d = 0; d < dk; ++d) acc += Q[size_t(i) * dk + d] * K[size_t(j) * dk + d];
-          P[size_t(i) * BT + j] = acc;
-        }
+      cpu::gemm_nn(nr, nr, dk, Q.data(), dk, Kt.data(), BT, P.data(), BT, false);  // q_i . k_j
+      cpu::gemm_nn(nr, dv, dk, Q.data(), dk, S.data(), dv, QS.data(), dv, false);  // q_i S
+      if (deriv) cpu::gemm_nn(nr, dv, dk, Q.data(), dk, Tst.data(), dv, QT.data(), dv, false);  // q_i T
       const A out_scale = A(p.out_scale);
-      for (int i = 0; i < nr; ++i) {
-        // Inter-chunk: q_i . S (and q_i . T).
-        std::fill(qs.begin(), qs.end(), A(0));
-        if (deriv) std::fill(qt.begin(), qt.end(), A(0));
-        for (int d = 0; d < dk; ++d) {
-          const A qd = Q[size_t(i) * dk + d];
-          const A* Sr = &S[size_t(d) * dv];
-          for (int e = 0; e < dv; ++e) qs[e] += qd * Sr[e];
-          if (deriv) {
-            const A* Tr = &Tst[size_t(d) * dv];
-            for (int e = 0; e < dv; ++e) qt[e] += qd * Tr[e];
-          }
-        }
-        if (p.o) {
+      if (p.o) {
+        // o_i = lambda^(i+1-pshift) q_i S + sum_{j<=i} lambda^(i-j) (q_i.k_j) v_j
+        for (int i = 0; i < nr; ++i) {
+          A* wr = &W[size_t(i) * BT];
+          for (int j = 0; j < nr; ++j) wr[j] = j <= i ? pw[i - j] * P[size_t(i) * BT + j] : A(0);
           const A a_inter = pw[i + 1 - pshift];
-          for (int e = 0; e < dv; ++e) o[e] = a_inter * qs[e];
-          for (int j = 0; j <= i; ++j) {
-            const A a = pw[i - j] * P[size_t(i) * BT + j];
-            const A* Vr = &V[size_t(j) * dv];
-            for (int e = 0; e < dv; ++e) o[e] += a * Vr[e];
-          }
-          T* orow = static_cast<T*>(p.o) + sb.b * p.o_batch_stride + rows[i] * p.o_row_stride + h * p.o_head_stride;
-          for (int e = 0; e < dv; ++e) orow[e] = from_acc<T, A>(out_scale * o[e]);
+          for (int e = 0; e < dv; ++e) Y[size_t(i) * dv + e] = a_inter * QS[size_t(i) * dv + e];
         }
-        if (deriv) {
-          // y_i = d(o_i)/d(lambda) / out_scale:
-          //   lambda^(i+1) q_i T + (i+1) lambda^i q_i S + sum_{j<i} (i-j) lambda^(i-j-1) (q_i.k_j) v_j
-          for (int e = 0; e < dv; ++e) o[e] = pw[i + 1] * qt[e] + A(i + 1) * pw[i] * qs[e];
-          for (int j = 0; j < i; ++j) {
-            const A a = A(i - j) * pw[i - j - 1] * P[size_t(i) * BT + j];
-            const A* Vr = &V[size_t(j) * dv];
-            for (int e = 0; e < dv; ++e) o[e] += a * Vr[e];
-          }
+        cpu::gemm_nn(nr, dv, nr, W.data(), BT, V.data(), dv, Y.data(), dv, true);
+        for (int i = 0; i < nr; ++i) {
+          T* orow = static_cast<T*>(p.o) + sb.b * p.o_batch_stride + rows[i] * p.o_row_stride + h * p.o_head_stride;
+          const A* yr = &Y[size_t(i) * dv];
+          for (int e = 0; e < dv; ++e) orow[e] = from_acc<T, A>(out_scale * yr[e]);
+        }
+      }
+      if (deriv) {
+        // y_i = d(o_i)/d(lambda) / out_scale:
+        //   lambda^(i+1) q_i T + (i+1) lambda^i q_i S + sum_{j<i} (i-j) lambda^(i-j-1) (q_i.k_j) v_j
+        for (int i = 0; i < nr; ++i) {
+          A* wr = &W[size_t(i) * BT];
+          for (int j = 0; j < nr; ++j) wr[j] = j < i ? A(i - j) * pw[i - j - 1] * P[size_t(i) * BT + j] : A(0);
+          for (int e = 0; e < dv; ++e)
+            Y[size_t(i) * dv + e] = pw[i + 1] * QT[size_t(i) * dv + e] + A(i + 1) * pw[i] * QS[size_t(i) * dv + e];
+        }
+        cpu::gemm_nn(nr, dv, nr, W.data(), BT, V.data(), dv, Y.data(), dv, true);
+        for (int i = 0; i < nr; ++i) {
           const T* dr = static_cast<const T*>(p.dout.ptr) + sb.b * p.dout.batch_stride + rows[i] * p.dout.row_stride +
                         h * p.dout.head_stride;
+          const A* yr = &Y[size_t(i) * dv];
           double acc = 0;
-          for (int e = 0; e < dv; ++e) acc += double(to_acc<A>(dr[e]) * o[e]);
+          for (int e = 0; e < dv; ++e) acc += double(to_acc<A>(dr[e]) * yr[e]);
           dl += double(out_scale) * acc;
         }
       }
     }
-    // State update (T first: it reads the old S).
+    // State update (T first: it reads the old S). Kw, then Kt itself, hold k transposed and weighted.
     if (deriv) {
       //   T <- lambda^nr T + nr lambda^(nr-1) S + sum_{j < nr-1} (nr-1-j) lambda^(nr-2-j) k_j^T v_j
       const A a_t = pw[nr], a_s = A(nr) * pw[nr - 1];
       for (size_t x = 0; x < Tst.size(); ++x) Tst[x] = a_t * Tst[x] + a_s * S[x];
-      for (int j = 0; j + 1 < nr; ++j) {
-        const A w = A(nr - 1 - j) * pw[nr - 2 - j];
-        for (int d = 0; d < dk; ++d) {
-          const A kd = w * K[size_t(j) * dk + d];
-          A* Tr = &Tst[size_t(d) * dv];
-          const A* Vr = &V[size_t(j) * dv];
-          for (int e = 0; e < dv; ++e) Tr[e] += kd * Vr[e];
-        }
+      for (int d = 0; d < dk; ++d) {
+        A* wr = &Kw[size_t(d) * BT];
+        const A* kr = &Kt[size_t(d) * BT];
+        for (int j = 0; j < nr; ++j) wr[j] = j + 1 < nr ? A(nr - 1 - j) * pw[nr - 2 - j] * kr[j] : A(0);
       }
+      cpu::gemm_nn(dk, dv, nr, Kw.data(), BT, V.data(), dv, Tst.data(), dv, true);
     }
     //   S <- lambda^(nr - pshift) S + sum_j lambda^(nr-1-j) k_j^T v_j
     const A a_s = pw[nr - pshift];
     for (auto& x : S) x *= a_s;
-    for (int j = 0; j < nr; ++j) {
-      const A w = pw[nr - 1 - j];
-      for (int d = 0; d < dk; ++d) {
-        const A kd = w * K[size_t(j) * dk + d];
-        A* Sr = &S[size_t(d) * dv];
-        const A* Vr = &V[size_t(j) * dv];
-        for (int e = 0; e < dv; ++e) Sr[e] += kd * Vr[e];
-      }
+    for (int d = 0; d < dk; ++d) {
+      A* kr = &Kt[size_t(d) * BT];
+      for (int j = 0; j < nr; ++j) kr[j] *= pw[nr - 1 - j];
     }
+    cpu::gemm_nn(dk, dv, nr, Kt.data(), BT, V.data(), dv, S.data(), dv, true);
     pshift = 0;
   }
 
