@@ -66,6 +66,8 @@ struct Seq {
     // up to the last element, no slack (an access past it is an AddressSanitizer finding)
     data.resize(B && rows ? size_t(off + (B - 1) * bs + (rows - 1) * rs + (H - 1) * hs + D) : size_t(off));
     for (auto& x : data) x = cvt<T>(sd * rng.normal());
+    // the draws the earlier padded size took, so every case keeps its inputs
+    for (size_t i = data.size(); i < size_t(off + bs * std::max(B, 1) + 64); ++i) rng.normal();
   }
   T& at(int b, int r, int h, int d) { return data[size_t(off + b * bs + r * rs + h * hs + d)]; }
   SeqTensor view() const { return {data.data() + off, bs, rs, hs}; }
