@@ -9,10 +9,32 @@
 
 // ---- Sparse Query Attention (flash core) ----
 // q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; out [B, Lq, max(Hq,Hkv), D]; lse [B, max(Hq,Hkv), Lq] fp32.
-ATTNKIT_OP("sqa_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor out, Tensor lse)")
+// window_left / window_right: -1 unbounded, else query i (aligned i' = i + Lk - Lq) sees keys
+// i' - window_left <= j <= i' + window_right. deterministic: dq without atomics (CUDA).
 ATTNKIT_OP(
-    "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale)"
+    "sqa_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale, int window_left=-1, int window_right=-1)"
+    " -> (Tensor out, Tensor lse)")
+ATTNKIT_OP(
+    "sqa_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float scale,"
+    " int window_left=-1, int window_right=-1, bool deterministic=False)"
     " -> (Tensor dq, Tensor dk, Tensor dv)")
+// Varlen: q [total_q, Hq, D], k/v [total_k, Hkv, D], cu_seqlens_* int32 [B + 1]; out [total_q, H, D],
+// lse [H, total_q] fp32 (H = max(Hq, Hkv)).
+ATTNKIT_OP(
+    "sqa_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q,"
+    " int max_seqlen_k, bool causal, float scale, int window_left=-1, int window_right=-1)"
+    " -> (Tensor out, Tensor lse)")
+ATTNKIT_OP(
+    "sqa_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens_q,"
+    " Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left=-1,"
+    " int window_right=-1, bool deterministic=False) -> (Tensor dq, Tensor dk, Tensor dv)")
+// KV cache decode (forward only): appends k/v (optional, [B, Lnew, Hkv, D]) into k_cache / v_cache
+// [B, Lmax, Hkv, D] in place at rows cache_seqlens[b] (int32 [B]), then attends q [B, Lq, Hq, D] to
+// the first cache_seqlens[b] + Lnew keys. num_splits: split-KV chunks on CUDA (0: automatic).
+ATTNKIT_OP(
+    "sqa_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, Tensor cache_seqlens,"
+    " bool causal, float scale, int window_left=-1, int window_right=-1, int num_splits=0)"
+    " -> (Tensor out, Tensor lse)")
 
 // ---- flash core, CPU test hook (not public API; tests/test_flash_core.py) ----
 // Built only with the CMake option ATTNKIT_TEST_OPS (make dev / make test turn it on).

@@ -32,19 +32,21 @@
   }()
 #endif
 
-// Head dims compiled for the flash core. Callers check support first with attnkit_headdim_supported().
+// Head dims compiled for the flash core. Any other head dim (a multiple of 8 up to 256, see
+// attnkit_flash_headdim_supported) runs the next larger instantiation: the kernels zero-fill the
+// padded columns in their loads and store only the tensor's columns.
 #define ATTNKIT_HEADDIM_SWITCH(HEADDIM, CONST_NAME, ...) \
   [&] {                                                  \
-    if (HEADDIM == 32) {                                 \
+    if (HEADDIM <= 32) {                                 \
       constexpr static int CONST_NAME = 32;              \
       return __VA_ARGS__();                              \
-    } else if (HEADDIM == 64) {                          \
+    } else if (HEADDIM <= 64) {                          \
       constexpr static int CONST_NAME = 64;              \
       return __VA_ARGS__();                              \
-    } else if (HEADDIM == 96) {                          \
+    } else if (HEADDIM <= 96) {                          \
       constexpr static int CONST_NAME = 96;              \
       return __VA_ARGS__();                              \
-    } else if (HEADDIM == 128) {                         \
+    } else if (HEADDIM <= 128) {                         \
       constexpr static int CONST_NAME = 128;             \
       return __VA_ARGS__();                              \
     } else {                                             \
@@ -53,6 +55,10 @@
     }                                                    \
   }()
 
+// The head dims with their own flash instantiation (other kernels that need an exact one check this).
 inline bool attnkit_headdim_supported(long d) {
   return d == 32 || d == 64 || d == 96 || d == 128 || d == 256;
 }
+
+// Head dims the flash core's CUDA kernels accept: multiples of 8 (16-byte rows) from 8 to 256.
+inline bool attnkit_flash_headdim_supported(long d) { return d >= 8 && d <= 256 && d % 8 == 0; }

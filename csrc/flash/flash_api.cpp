@@ -60,6 +60,7 @@ FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tens
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.causal = causal;
   p.window_left = -1;
+  p.window_right = -1;
   p.bias_head_group = 1;
   p.self_score = 0.f;
   p.dtype = elem_type_of(q.scalar_type());
@@ -182,6 +183,30 @@ void set_segments(FlashParams& p, const at::Tensor& q_index, const at::Tensor& k
   p.q_index_head_stride = q_index.stride(1);
   p.k_index_batch_stride = k_index.stride(0);
   p.k_index_head_stride = k_index.stride(1);
+}
+
+void set_varlen(FlashParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                int64_t max_seqlen_k) {
+  TORCH_CHECK(p.batch == 1 && p.num_segments == 1, "flash core: set_varlen expects [1, total, H, D] views");
+  TORCH_CHECK(cu_seqlens_q.scalar_type() == at::kInt && cu_seqlens_k.scalar_type() == at::kInt &&
+                  cu_seqlens_q.is_contiguous() && cu_seqlens_k.is_contiguous() &&
+                  cu_seqlens_q.numel() == cu_seqlens_k.numel() && cu_seqlens_q.numel() >= 1,
+              "flash core: cu_seqlens must be contiguous int32 [batch + 1]");
+  p.total_q = p.seqlen_q;
+  p.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
+  p.seqlen_q = static_cast<int>(max_seqlen_q);
+  p.seqlen_k = static_cast<int>(max_seqlen_k);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int>();
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = 0;
+  p.o_batch_stride = p.lse_batch_stride = p.do_batch_stride = 0;
+  p.dqa_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+}
+
+void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k) {
+  TORCH_CHECK(seqused_k.scalar_type() == at::kInt && seqused_k.is_contiguous() && seqused_k.numel() == p.batch,
+              "flash core: seqused_k must be contiguous int32 [batch]");
+  p.seqused_k = seqused_k.data_ptr<int>();
 }
 
 at::Tensor cuda_aligned(const at::Tensor& t) {

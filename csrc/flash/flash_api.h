@@ -27,7 +27,7 @@ ElemType elem_type_of(at::ScalarType t);
 int64_t output_heads(int64_t hq, int64_t hkv);
 
 // q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D] (last dim contiguous). Fills shapes, strides, head
-// groups, dtype, scale (and scale_log2), causal; window_left = -1; every optional input is off.
+// groups, dtype, scale (and scale_log2), causal; window_left = window_right = -1; every optional input is off.
 FlashParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, bool causal);
 
 // Allocates o [B, S*seqlen_q, h_out, D] (dtype and device of q) and lse [B, h_out, S*seqlen_q] fp32.
@@ -55,6 +55,15 @@ void set_row_threshold(FlashParams& p, const at::Tensor& thr, const at::Tensor& 
 // Gathers: q_index [B, h_out, S, wq] and k_index [B, h_out, S, wk], int32, the last two dims
 // contiguous. Sets num_segments = S, seqlen_q = wq, seqlen_k = wk.
 void set_segments(FlashParams& p, const at::Tensor& q_index, const at::Tensor& k_index);
+
+// Per-batch lengths (CUDA kernels; see FlashParams::cu_seqlens_q). Call last, after the outputs,
+// backward tensors and workspaces are set from [1, total, H, D] views of the packed tensors: sets
+// batch, seqlen_q / seqlen_k (the largest lengths), total_q and the offsets, and zeroes every batch
+// stride. cu_seqlens_q / cu_seqlens_k int32 [batch + 1] on the kernels' device.
+void set_varlen(FlashParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                int64_t max_seqlen_k);
+// KV cache: batch b uses its first seqused_k[b] keys (int32 [batch] on the kernels' device).
+void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k);
 
 // The CUDA kernels copy 16-byte chunks: the data pointer must be 16-byte aligned and every stride but
 // the last a multiple of 8 elements. Returns t itself when it is, else a contiguous aligned copy.

@@ -63,11 +63,14 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
 
   // K, V of this block: gathered with the first head of the group (gathers require kv_group == 1)
   const BlockCoord c0 = make_coord(p, bz, hk * p.kv_group);
+  if (n0 >= c0.lk) return;  // per-batch lengths: the grid covers the longest sequence
   {
-    const T* kb = static_cast<const T*>(p.k) + c0.b * p.k_batch_stride + c0.hk * p.k_head_stride;
-    const T* vb = static_cast<const T*>(p.v) + c0.b * p.v_batch_stride + c0.hk * p.v_head_stride;
-    load_tile<T, BN, D, LD, NTH>(sK, kb, p.k_row_stride, c0.k_rows, c0.seg, p.seqlen_k, n0);
-    load_tile<T, BN, D, LD, NTH>(sV, vb, p.v_row_stride, c0.k_rows, c0.seg, p.seqlen_k, n0);
+    const T* kb =
+        static_cast<const T*>(p.k) + c0.b * p.k_batch_stride + c0.k_off * p.k_row_stride + c0.hk * p.k_head_stride;
+    const T* vb =
+        static_cast<const T*>(p.v) + c0.b * p.v_batch_stride + c0.k_off * p.v_row_stride + c0.hk * p.v_head_stride;
+    load_tile<T, BN, D, LD, NTH>(sK, kb, p.k_row_stride, c0.k_rows, c0.seg, c0.lk, n0, p.head_dim);
+    load_tile<T, BN, D, LD, NTH>(sV, vb, p.v_row_stride, c0.k_rows, c0.seg, c0.lk, n0, p.head_dim);
     cp_async_commit();
   }
 
@@ -86,16 +89,18 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
       // (re)fill column data: the bias head may change with h
       const int j = threadIdx.x;
       const int col = n0 + j;
-      const bool valid = col < p.seqlen_k;
+      const bool valid = col < c.lk;
       sCols->pos[j] = valid ? (c.k_rows ? c.k_rows[col] : col) : 0;
       sCols->bias[j] = (valid && mctx.bias_base && !mctx.row_bias) ? mctx.bias_base[col] : 0.f;
     }
-    const T* qb = static_cast<const T*>(p.q) + c.b * p.q_batch_stride + c.hq * p.q_head_stride;
-    const T* dob = static_cast<const T*>(p.dout) + c.b * p.do_batch_stride + c.h * p.do_head_stride;
-    const float* lse_b = p.lse + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q;
+    const T* qb = static_cast<const T*>(p.q) + c.b * p.q_batch_stride + c.q_off * p.q_row_stride + c.hq * p.q_head_stride;
+    const T* dob =
+        static_cast<const T*>(p.dout) + c.b * p.do_batch_stride + c.q_off * p.do_row_stride + c.h * p.do_head_stride;
+    const float* lse_b =
+        p.lse + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q + c.q_off;
     const float* delta_b =
-        p.delta + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q;
-    float* dqa_b = p.dq_accum + c.b * p.dqa_batch_stride + c.hq * p.dqa_head_stride;
+        p.delta + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q + c.q_off;
+    float* dqa_b = p.dq_accum + c.b * p.dqa_batch_stride + c.q_off * p.dqa_row_stride + c.hq * p.dqa_head_stride;
     if (p.dq_splits > 0) dqa_b += int64_t(h % p.q_group) * p.dqa_split_stride;
     // deterministic dq: key block n stores into slice (n - base) * q_group + h % q_group, base = the
     // first key block query block mb can see when the slices are windowed (dq_slices_windowed), else 0
@@ -110,15 +115,15 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
         const int base = windowed_slices ? max(0, floor_div(m0 + mctx.shift - p.window_left, BN)) : 0;
         dqa_m += int64_t(n_block - base) * p.q_group * p.dqa_split_stride;
       }
-      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, p.seqlen_q, m0);
+      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.lq, m0, p.head_dim);
       // dout lives in segment space: contiguous rows, no gather
       load_tile<T, BM, D, LD, NTH>(sdO, dob + int64_t(c.seg) * p.seqlen_q * p.do_row_stride, p.do_row_stride,
-                                   nullptr, 0, p.seqlen_q, m0);
+                                   nullptr, 0, c.lq, m0, p.head_dim);
       cp_async_commit();
       if (threadIdx.x < BM) {
         const int i = m0 + threadIdx.x;
         float l = INFINITY, d = 0.f;
-        if (i < p.seqlen_q) {
+        if (i < c.lq) {
           const float lv = lse_b[i];
           l = lv == -INFINITY ? INFINITY : lv * kLog2e;
           d = delta_b[i];
@@ -207,17 +212,20 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const int row = m0 + wr * 16 + (lane >> 2) + 8 * k;
-          if (row < p.seqlen_q) {
+          if (row < c.lq) {
             float* dst = dqa_m + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
+            // dq_accum has the tensor's head dim: columns of the padding (>= head_dim) are skipped
             if (p.dq_splits > 0) {  // this block owns the slice: one store per element
 #pragma unroll
               for (int j = 0; j < NT_D; ++j) {
+                if (wc * DH + j * 8 >= p.head_dim) continue;
                 *reinterpret_cast<float2*>(dst + j * 8) =
                     make_float2(acc_dq[j][2 * k] * p.scale, acc_dq[j][2 * k + 1] * p.scale);
               }
             } else {
 #pragma unroll
               for (int j = 0; j < NT_D; ++j) {
+                if (wc * DH + j * 8 >= p.head_dim) continue;
                 atomicAdd(dst + j * 8, acc_dq[j][2 * k] * p.scale);
                 atomicAdd(dst + j * 8 + 1, acc_dq[j][2 * k + 1] * p.scale);
               }
@@ -257,14 +265,14 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
     }
   }
   __syncthreads();
-  T* dkb = static_cast<T*>(p.dk) + c0.b * p.dk_batch_stride + c0.hk * p.dk_head_stride;
-  T* dvb = static_cast<T*>(p.dv) + c0.b * p.dv_batch_stride + c0.hk * p.dv_head_stride;
+  T* dkb = static_cast<T*>(p.dk) + c0.b * p.dk_batch_stride + c0.k_off * p.dk_row_stride + c0.hk * p.dk_head_stride;
+  T* dvb = static_cast<T*>(p.dv) + c0.b * p.dv_batch_stride + c0.k_off * p.dv_row_stride + c0.hk * p.dv_head_stride;
   constexpr int kChunks = D / 8;
   for (int ch = threadIdx.x; ch < BN * kChunks; ch += NTH) {
     const int r = ch / kChunks;
     const int col = (ch % kChunks) * 8;
     const int row = n0 + r;
-    if (row < p.seqlen_k) {
+    if (row < c0.lk && col < p.head_dim) {  // padded head-dim columns are not stored
       const int64_t orow = int64_t(c0.seg) * p.seqlen_k + row;
       *reinterpret_cast<uint4*>(dkb + orow * p.dk_row_stride + col) = *reinterpret_cast<const uint4*>(sK + r * LD + col);
       *reinterpret_cast<uint4*>(dvb + orow * p.dv_row_stride + col) = *reinterpret_cast<const uint4*>(sV + r * LD + col);

@@ -9,7 +9,7 @@
 namespace attnkit::flash {
 
 // q [B, Lq, Hq, D], k and v [B, Lk, Hkv, D]. With for_cuda_kernel, also the CUDA kernel's limits:
-// fp16 / bf16 and D in {32, 64, 96, 128, 256}.
+// fp16 / bf16 and D a multiple of 8 up to 256.
 inline void check_qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              bool for_cuda_kernel = false) {
   ATTNKIT_CHECK_DIM(q, 4);
@@ -36,8 +36,8 @@ inline void check_qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at:
   ATTNKIT_CHECK_LAST_CONTIGUOUS(v);
   if (for_cuda_kernel) {
     TORCH_CHECK(is_half_type(dt), "q must be float16 or bfloat16 on CUDA (got ", dt, ")");
-    TORCH_CHECK(attnkit_headdim_supported(q.size(3)), "q has head dim ", q.size(3),
-                "; the CUDA kernel supports 32, 64, 96, 128 and 256");
+    TORCH_CHECK(attnkit_flash_headdim_supported(q.size(3)), "q has head dim ", q.size(3),
+                "; the CUDA kernel supports multiples of 8 from 8 to 256");
   }
 }
 

@@ -21,6 +21,10 @@ __device__ __forceinline__ int ceil_div(int a, int b) { return (a + b - 1) / b; 
 // Where a block of the grid sits: batch b, segment s, output head h, the query / KV heads it reads.
 struct BlockCoord {
   int b, seg, h, hq, hk;
+  // this batch's query / key counts and the first row it owns in the packed tensors (per-batch
+  // lengths, see FlashParams::cu_seqlens_q); seqlen_q, seqlen_k and 0 otherwise
+  int lq, lk;
+  int64_t q_off, k_off;
   // gather index rows of this (b, h, seg); nullptr without gathers
   const int* q_rows;
   const int* k_rows;
@@ -33,6 +37,18 @@ __device__ __forceinline__ BlockCoord make_coord(const FlashParams& p, int bz, i
   c.h = h;
   c.hq = h / p.q_group;
   c.hk = h / p.kv_group;
+  c.lq = p.seqlen_q;
+  c.lk = p.seqlen_k;
+  c.q_off = c.k_off = 0;
+  if (p.cu_seqlens_q) {
+    c.q_off = p.cu_seqlens_q[c.b];
+    c.lq = p.cu_seqlens_q[c.b + 1] - p.cu_seqlens_q[c.b];
+  }
+  if (p.cu_seqlens_k) {
+    c.k_off = p.cu_seqlens_k[c.b];
+    c.lk = p.cu_seqlens_k[c.b + 1] - p.cu_seqlens_k[c.b];
+  }
+  if (p.seqused_k) c.lk = p.seqused_k[c.b];
   c.q_rows = p.q_index ? p.q_index + c.b * p.q_index_batch_stride + c.h * p.q_index_head_stride +
                              int64_t(c.seg) * p.seqlen_q
                        : nullptr;
@@ -49,15 +65,17 @@ __device__ __forceinline__ int64_t gather_row(const int* rows, int seg, int len,
 
 // Copy rows [row0, row0 + ROWS) (local, < len valid) of a [.., D] 16-bit matrix into shared memory
 // with row pitch LD. Rows past len are zero-filled. `base` already points at (batch, head).
+// `dim` is the tensor's head dim (a multiple of 8, <= D): a kernel compiled for the next larger D
+// zero-fills the columns [dim, D) here, so the products over the padded dims add exact zeros.
 template <typename T, int ROWS, int D, int LD, int NTHREADS>
 __device__ __forceinline__ void load_tile(T* smem, const T* base, int64_t row_stride, const int* rows, int seg,
-                                          int len, int row0) {
+                                          int len, int row0, int dim) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   for (int c = threadIdx.x; c < ROWS * kChunks; c += NTHREADS) {
     const int r = c / kChunks;
     const int ch = c % kChunks;
     const int i = row0 + r;
-    const bool valid = i < len;
+    const bool valid = i < len && ch * 8 < dim;
     const T* src = valid ? base + gather_row(rows, seg, len, i) * row_stride + ch * 8 : base;
     cp_async_16(smem + r * LD + ch * 8, src, valid);
   }
@@ -83,7 +101,8 @@ struct MaskCtx {
   const float* bias_base;  // bias at (b, bias head), nullptr without bias
   bool row_bias;           // bias has a row dimension
   bool index;              // gathers present: positions come from the indices
-  int shift;               // seqlen_k - seqlen_q without gathers, else 0
+  int shift;               // lk - lq without gathers, else 0
+  int lq, lk;              // the block's query / key counts (BlockCoord)
 };
 
 __device__ __forceinline__ MaskCtx make_mask_ctx(const FlashParams& p, const BlockCoord& c) {
@@ -93,17 +112,18 @@ __device__ __forceinline__ MaskCtx make_mask_ctx(const FlashParams& p, const Blo
                        : nullptr;
   m.row_bias = p.bias && p.bias_row_stride != 0;
   m.index = p.q_index != nullptr || p.k_index != nullptr;
-  m.shift = m.index ? 0 : p.seqlen_k - p.seqlen_q;
+  m.lq = c.lq;
+  m.lk = c.lk;
+  m.shift = m.index ? 0 : c.lk - c.lq;
   return m;
 }
 
 // Column data for key block n_block (N columns), computed by the first N threads.
 template <int N>
 __device__ __forceinline__ void fill_cols(ColTile<N>& t, const MaskCtx& m, const BlockCoord& c, int n_block) {
-  const FlashParams& p = *m.p;
   for (int j = threadIdx.x; j < N; j += blockDim.x) {
     const int col = n_block * N + j;
-    const bool valid = col < p.seqlen_k;
+    const bool valid = col < m.lk;
     t.pos[j] = valid ? (c.k_rows ? c.k_rows[col] : col) : 0;
     t.bias[j] = (valid && m.bias_base && !m.row_bias) ? m.bias_base[col] : 0.f;
   }
@@ -115,7 +135,7 @@ __device__ __forceinline__ void fill_rows(RowMask& r, const MaskCtx& m, const Bl
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int i = row0_local + (lane >> 2) + 8 * k;
-    const bool valid = i < p.seqlen_q;
+    const bool valid = i < m.lq;
     r.row[k] = i;
     r.pos[k] = valid ? (c.q_rows ? c.q_rows[i] : i + m.shift) : 0;
     if (p.row_thr && valid) {
@@ -136,9 +156,10 @@ __device__ __forceinline__ bool tile_needs_mask(const MaskCtx& m, int m0, int n_
   const FlashParams& p = *m.p;
   if (m.index || p.bias || p.row_thr || p.self_mask) return true;
   const int n0 = n_block * BN;
-  if (n0 + BN > p.seqlen_k) return true;
+  if (n0 + BN > m.lk) return true;
   if (p.causal && n0 + BN - 1 > m0 + m.shift) return true;
   if (p.window_left >= 0 && n0 < m0 + BM - 1 + m.shift - p.window_left) return true;
+  if (p.window_right >= 0 && n0 + BN - 1 > m0 + m.shift + p.window_right) return true;
   return false;
 }
 
@@ -172,9 +193,10 @@ __device__ __forceinline__ void scores_log2(float (&s)[NT][4], const MaskCtx& m,
       const int col = n_block * BN + cj;
       const int pj = ct.pos[cj];
       const int pi = r.pos[rk];
-      bool vis = col < p.seqlen_k && r.row[rk] < p.seqlen_q;
+      bool vis = col < m.lk && r.row[rk] < m.lq;
       if (p.causal) vis = vis && pj <= pi;
       if (p.window_left >= 0) vis = vis && pj >= pi - p.window_left;
+      if (p.window_right >= 0) vis = vis && pj <= pi + p.window_right;
       float b = 0.f;
       if (m.bias_base) {
         b = m.row_bias ? (vis ? m.bias_base[int64_t(r.row[rk]) * p.bias_row_stride + col] : 0.f) : ct.bias[cj];
@@ -222,7 +244,7 @@ __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const Mask
   BlockIter it;
   it.list = nullptr;
   it.begin = 0;
-  it.end = ceil_div(p.seqlen_k, BN);
+  it.end = ceil_div(m.lk, BN);
   if (!m.index) {
     if (p.causal) {
       const int last_col = m_block * BM + BM - 1 + m.shift;  // last column any row of the block sees
@@ -231,6 +253,10 @@ __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const Mask
     if (p.window_left >= 0) {
       const int first_col = m_block * BM + m.shift - p.window_left;
       it.begin = max(0, floor_div(first_col, BN));
+    }
+    if (p.window_right >= 0) {  // last column any row of the block sees through the right window
+      const int last_col = m_block * BM + BM - 1 + m.shift + p.window_right;
+      it.end = last_col < 0 ? 0 : min(it.end, last_col / BN + 1);
     }
   }
   if (it.end < it.begin) it.end = it.begin;
@@ -245,7 +271,7 @@ __device__ __forceinline__ BlockIter bwd_blocks(const FlashParams& p, const Mask
   BlockIter it;
   it.list = nullptr;
   it.begin = 0;
-  it.end = ceil_div(p.seqlen_q, BM);
+  it.end = ceil_div(m.lq, BM);
   if (!m.index) {
     if (p.causal) {
       const int first_row = n_block * BN - m.shift;  // first row that sees the block's first column
@@ -254,6 +280,10 @@ __device__ __forceinline__ BlockIter bwd_blocks(const FlashParams& p, const Mask
     if (p.window_left >= 0) {
       const int last_row = n_block * BN + BN - 1 - m.shift + p.window_left;
       it.end = last_row < 0 ? 0 : min(it.end, last_row / BM + 1);
+    }
+    if (p.window_right >= 0) {  // first row whose right window reaches the block's first column
+      const int first_row = n_block * BN - m.shift - p.window_right;
+      it.begin = max(it.begin, floor_div(first_row, BM));
     }
   }
   if (it.end < it.begin) it.end = it.begin;

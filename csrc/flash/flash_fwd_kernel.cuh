@@ -43,21 +43,23 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   const int lane = threadIdx.x & 31;
   const int m0 = m_block * BM;
 
-  const T* qb = static_cast<const T*>(p.q) + c.b * p.q_batch_stride + c.hq * p.q_head_stride;
-  const T* kb = static_cast<const T*>(p.k) + c.b * p.k_batch_stride + c.hk * p.k_head_stride;
-  const T* vb = static_cast<const T*>(p.v) + c.b * p.v_batch_stride + c.hk * p.v_head_stride;
+  if (m0 >= c.lq) return;  // per-batch lengths: the grid covers the longest sequence
+
+  const T* qb = static_cast<const T*>(p.q) + c.b * p.q_batch_stride + c.q_off * p.q_row_stride + c.hq * p.q_head_stride;
+  const T* kb = static_cast<const T*>(p.k) + c.b * p.k_batch_stride + c.k_off * p.k_row_stride + c.hk * p.k_head_stride;
+  const T* vb = static_cast<const T*>(p.v) + c.b * p.v_batch_stride + c.k_off * p.v_row_stride + c.hk * p.v_head_stride;
 
   const BlockIter it = fwd_blocks<BM, BN>(p, mctx, c, m_block);
   const int n_iter = it.count();
 
   auto load_kv = [&](int t, int stage) {
     const int nb = it.at(t);
-    load_tile<T, BN, D, LD, NTH>(sK + stage * Tr::kKVElems, kb, p.k_row_stride, c.k_rows, c.seg, p.seqlen_k, nb * BN);
-    load_tile<T, BN, D, LD, NTH>(sV + stage * Tr::kKVElems, vb, p.v_row_stride, c.k_rows, c.seg, p.seqlen_k, nb * BN);
+    load_tile<T, BN, D, LD, NTH>(sK + stage * Tr::kKVElems, kb, p.k_row_stride, c.k_rows, c.seg, c.lk, nb * BN, p.head_dim);
+    load_tile<T, BN, D, LD, NTH>(sV + stage * Tr::kKVElems, vb, p.v_row_stride, c.k_rows, c.seg, c.lk, nb * BN, p.head_dim);
     fill_cols<BN>(sCols[stage], mctx, c, nb);
   };
 
-  load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, p.seqlen_q, m0);
+  load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.lq, m0, p.head_dim);
   if (n_iter > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -144,19 +146,19 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
       *reinterpret_cast<uint32_t*>(sO + r * LD + j * 8 + 2 * (lane & 3)) = packed;
     }
     const int row = m0 + warp * 16 + r;
-    if ((lane & 3) == 0 && row < p.seqlen_q) {
+    if ((lane & 3) == 0 && row < c.lq) {
       const float lse = l > 0.f ? (row_max[k] + log2f(l)) * kLn2 : -INFINITY;
-      p.lse[c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q + row] = lse;
+      p.lse[c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q + c.q_off + row] = lse;
     }
   }
   __syncwarp();
-  T* ob = static_cast<T*>(p.o) + c.b * p.o_batch_stride + c.h * p.o_head_stride;
+  T* ob = static_cast<T*>(p.o) + c.b * p.o_batch_stride + c.q_off * p.o_row_stride + c.h * p.o_head_stride;
   constexpr int kChunks = D / 8;
   for (int ch = lane; ch < 16 * kChunks; ch += 32) {
     const int r = ch / kChunks;
     const int col = (ch % kChunks) * 8;
     const int row = m0 + warp * 16 + r;
-    if (row < p.seqlen_q) {
+    if (row < c.lq && col < p.head_dim) {  // padded head-dim columns are not stored
       const int64_t orow = int64_t(c.seg) * p.seqlen_q + row;
       *reinterpret_cast<uint4*>(ob + orow * p.o_row_stride + col) = *reinterpret_cast<const uint4*>(sO + r * LD + col);
     }

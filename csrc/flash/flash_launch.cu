@@ -65,17 +65,21 @@ __global__ void flash_bwd_dq_kernel(const FlashParams p, int64_t rows_per_head) 
 
 template <typename T>
 void run_bwd(const FlashParams& p, cudaStream_t stream) {
-  const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
-  const int64_t warps = int64_t(p.batch) * p.h_out * rows;
+  // Packed queries (cu_seqlens_q): the row-wise epilogues see one batch of total_q rows (the batch
+  // strides are 0 and every packed row is a real row).
+  FlashParams pe = p;
+  if (p.cu_seqlens_q) pe.batch = 1;
+  const int64_t rows = p.cu_seqlens_q ? int64_t(p.total_q) : int64_t(p.num_segments) * p.seqlen_q;
+  const int64_t warps = int64_t(pe.batch) * p.h_out * rows;
   if (warps > 0) {
     const int64_t blocks = (warps * 32 + 255) / 256;
-    ATTNKIT_LAUNCH_KERNEL(flash_bwd_delta_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream, p, rows);
+    ATTNKIT_LAUNCH_KERNEL(flash_bwd_delta_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream, pe, rows);
     ATTNKIT_LAUNCH_CHECK();
   }
   ATTNKIT_HEADDIM_SWITCH(p.head_dim, kD, [&] { run_flash_bwd<T, kD>(p, stream); });
-  const int64_t n = int64_t(p.batch) * rows * p.h_q * p.head_dim;
+  const int64_t n = int64_t(pe.batch) * rows * p.h_q * p.head_dim;
   if (n > 0) {
-    ATTNKIT_LAUNCH_KERNEL(flash_bwd_dq_kernel<T>, dim3(unsigned((n + 255) / 256)), 256, 0, stream, p, rows);
+    ATTNKIT_LAUNCH_KERNEL(flash_bwd_dq_kernel<T>, dim3(unsigned((n + 255) / 256)), 256, 0, stream, pe, rows);
     ATTNKIT_LAUNCH_CHECK();
   }
 }
@@ -88,6 +92,7 @@ FlashParams prepare(const FlashParams& params) {
   FlashParams p = params;
   // keep the block-range arithmetic of an effectively unlimited window inside int
   if (!p.q_index && !p.k_index && p.window_left > p.seqlen_q + p.seqlen_k) p.window_left = p.seqlen_q + p.seqlen_k;
+  if (!p.q_index && !p.k_index && p.window_right > p.seqlen_q + p.seqlen_k) p.window_right = p.seqlen_q + p.seqlen_k;
   return p;
 }
 
@@ -95,7 +100,8 @@ FlashParams prepare(const FlashParams& params) {
 
 void flash_fwd(const FlashParams& params_in, cudaStream_t stream) {
   const FlashParams params = prepare(params_in);
-  TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
+  TORCH_CHECK(attnkit_flash_headdim_supported(params.head_dim), "flash core: head dim must be a multiple of 8 up to 256, got ",
+              params.head_dim);
   TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
               "flash core (CUDA): q, k, v must be float16 or bfloat16");
   ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] {
@@ -105,7 +111,8 @@ void flash_fwd(const FlashParams& params_in, cudaStream_t stream) {
 
 void flash_bwd(const FlashParams& params_in, cudaStream_t stream) {
   const FlashParams params = prepare(params_in);
-  TORCH_CHECK(attnkit_headdim_supported(params.head_dim), "flash core: unsupported head dim ", params.head_dim);
+  TORCH_CHECK(attnkit_flash_headdim_supported(params.head_dim), "flash core: head dim must be a multiple of 8 up to 256, got ",
+              params.head_dim);
   TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
               "flash core (CUDA): q, k, v must be float16 or bfloat16");
   ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] { run_bwd<T>(params, stream); });

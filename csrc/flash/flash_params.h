@@ -16,6 +16,7 @@
 //   index is given, 0 otherwise):
 //     causal:      pj <= pi + shift            (bottom-right aligned, as FlashAttention)
 //     window_left: pj >= pi + shift - window_left   (when window_left >= 0)
+//     window_right: pj <= pi + shift + window_right (when window_right >= 0; with causal both apply)
 //     kept:        bias[j] > row_thr[i] || (bias[j] == row_thr[i] && j <= row_tie[i])   (when row_thr)
 //   Score: s_ij = scale * q_i.k_j + bias[row i][j] (when bias), or self_score when self_mask && pi == pj.
 //   A row with no visible key yields o = 0 and lse = -inf; its gradients are 0.
@@ -64,7 +65,8 @@ struct FlashParams {
   float scale;       // softmax scale applied to q.k
   float scale_log2;  // scale * log2(e)
   bool causal;
-  int window_left;  // < 0: no window
+  int window_left;   // < 0: no window
+  int window_right;  // < 0: unbounded on the right (make_params sets -1; 0 is a real window)
 
   // Additive fp32 bias, element [b][h_out / bias_head_group][row i][col j]; bias_row_stride == 0
   // broadcasts over query rows. The column stride is 1.
@@ -124,6 +126,19 @@ struct FlashParams {
 
   // Element type of q, k, v, o, dout, dq, dk, dv. CUDA: kFloat16 / kBFloat16. CPU: all four.
   ElemType dtype;
+
+  // ---- per-batch lengths (varlen packing, KV cache); CUDA kernels only, the CPU ops run one
+  // sequence at a time. Null pointers: every batch has seqlen_q / seqlen_k rows. ----
+  // cu_seqlens_q [batch + 1], int32 on the kernels' device: batch b owns rows cu_seqlens_q[b] ..
+  // cu_seqlens_q[b + 1] of q, o, lse, dout, delta, dq_accum and dq (their batch strides must be 0);
+  // seqlen_q is then the largest length (it sizes the grid) and total_q the number of rows.
+  // cu_seqlens_k likewise for k, v, dk, dv. seqused_k [batch]: batch b uses only its first
+  // seqused_k[b] keys (a KV cache). The causal / window masks align each batch's own lengths.
+  // Not combinable with segments, bias, row thresholds or tile lists (check_flash_params).
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  const int* seqused_k;
+  int total_q;
 };
 
 }  // namespace attnkit::flash

@@ -12,7 +12,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 
+# Head dims with their own CUDA instantiation; the flash core also runs every other multiple of 8 up
+# to 256 on the next larger one (zero-padded inside the kernel's loads).
 CUDA_HEAD_DIMS = (32, 64, 96, 128, 256)
+
+
+def cuda_head_dim_supported(D: int) -> bool:
+    return 8 <= D <= 256 and D % 8 == 0
 
 
 def check_tensor(name: str, t, ndim: int | None = None) -> None:
@@ -42,6 +48,20 @@ def check_bool(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
+
+
+def check_window_size(window_size) -> tuple[int, int]:
+    """``window_size = (left, right)``: two ints, each -1 (unbounded) or >= 0."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right) of ints, got {window_size!r}")
+    out = []
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"window_size {side} must be an int, got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"window_size {side} must be -1 (unbounded) or >= 0, got {w}")
+        out.append(int(w))
+    return out[0], out[1]
 
 
 def check_attention_inputs(q, k, v) -> None:
@@ -76,8 +96,8 @@ def check_attention_inputs(q, k, v) -> None:
     if q.device.type == "cuda":
         if q.dtype not in CUDA_DTYPES:
             raise TypeError(f"q must be float16 or bfloat16 on CUDA, got {q.dtype}")
-        if D not in CUDA_HEAD_DIMS:
-            raise ValueError(f"q has head dim {D}; on CUDA the supported head dims are {CUDA_HEAD_DIMS}")
+        if not cuda_head_dim_supported(D):
+            raise ValueError(f"q has head dim {D}; on CUDA the head dim must be a multiple of 8 from 8 to 256")
 
 
 def check_float(name: str, t: torch.Tensor) -> None:

@@ -3,7 +3,7 @@
 // PTX primitives of common/mma.cuh from emu_mma_prims.h), and compares them with the CPU core
 // (flash_cpu.cpp): the oracle is the CPU core in float64 on the same rounded inputs; the emulated
 // kernels must satisfy |emu - ref64| <= 2 |cpu(same dtype) - ref64| + atol (FlashAttention's rule).
-// Build and run: tests/cuda_emu/run_flash.sh [filter]. Exit status 0 when every case passes.
+// Build and run: tests/cuda_emu/run_flash.sh [filter [fp16|bf16]]. Exit status 0 when every case passes.
 #define ATTNKIT_CUDA_EMU 1
 #include "emu_cuda.h"
 #include "emu_mma_prims.h"
@@ -60,10 +60,10 @@ struct Buf {
   std::vector<unsigned char> bytes;
   void alloc(size_t n, int es) {
     esize = es;
-    bytes.assign(n * es + 64, 0);
+    bytes.assign(n * es, 0);  // exactly the tensor: AddressSanitizer sees any access past it
   }
   void* ptr() { return bytes.data(); }
-  size_t n() const { return (bytes.size() - 64) / esize; }
+  size_t n() const { return bytes.size() / esize; }
 };
 
 double get(const Buf& b, size_t i, ElemType t) {
@@ -95,7 +95,8 @@ struct Layout {  // [B, R, H, D] with padded head / row pitch
     rs = H * hs + pad;
     bs = R * rs + pad;
   }
-  size_t size() const { return size_t(std::max(B, 1)) * bs + 8; }
+  // up to the last element, no slack (an access past it is an AddressSanitizer finding)
+  size_t size() const { return B && R && H && D ? at(B - 1, R - 1, H - 1, D - 1) + 1 : 0; }
   size_t at(int b, int r, int h, int d) const { return size_t(b * bs + r * rs + h * hs + d); }
 };
 
@@ -104,6 +105,7 @@ struct Case {
   int B = 1, S = 1, Lq, Lk, hq = 1, hkv = 1, D;
   bool causal = false;
   int window = -1;
+  int window_right = -1;
   int bias = 0;  // 0 none, 1 row-broadcast, 2 per-row
   int bias_head_group = 1;
   bool dbias = false;
@@ -147,6 +149,7 @@ bool visible(const Inputs& in, int b, int h, int i, int j) {
   const int shift = c.Lk - c.Lq;
   if (c.causal && j > i + shift) return false;
   if (c.window >= 0 && j < i + shift - c.window) return false;
+  if (c.window_right >= 0 && j > i + shift + c.window_right) return false;
   if (c.kept) {
     float bv = 0.f;
     if (c.bias == 1) bv = in.bias[(size_t(b) * in.nbh + h / c.bias_head_group) * c.Lk + j];
@@ -309,6 +312,7 @@ void setup(Run& r, const Inputs& in, ElemType t, bool fwd_list) {
   p.scale_log2 = p.scale * 1.4426950408889634f;
   p.causal = c.causal;
   p.window_left = c.window;
+  p.window_right = c.window_right;
   if (c.bias) {
     p.bias = in.bias.data();
     p.bias_row_stride = c.bias == 2 ? c.Lk : 0;
@@ -364,7 +368,7 @@ void set_dq_accum(Run& r, const Inputs& in, bool split) {
   const int64_t slice = int64_t(in.c.B) * in.c.S * in.c.Lq * in.c.hq * in.c.D;
   p.dq_splits = split ? std::max(1, ((in.c.Lk + 63) / 64) * in.qg) : 0;
   p.dqa_split_stride = slice;
-  r.dqa.assign(size_t(slice) * std::max(1, p.dq_splits) + 1, 0.f);
+  r.dqa.assign(size_t(slice) * std::max(1, p.dq_splits), 0.f);
   p.dq_accum = r.dqa.data();
   p.dqa_head_stride = in.c.D;
   p.dqa_row_stride = int64_t(in.c.hq) * in.c.D;
@@ -463,7 +467,11 @@ bool run_case(const Case& c, ElemType t) {
   setup(emu, in, t, true);
   flash_fwd_cpu(ref.p);
   flash_fwd_cpu(cpu.p);
+  // every output byte is written by one block (emu_cuda.h reports one written by two)
+  emu::watch(emu.o.ptr(), emu.o.bytes.size(), "o");
+  emu::watch(emu.lse.data(), emu.lse.size() * 4, "lse");
   flash_fwd(emu.p, nullptr);
+  emu::unwatch_all();
   ok &= cmp_tensor("o", cname, emu.o, ref.o, cpu.o, in.lo, t, rel);
   ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
 
@@ -485,7 +493,14 @@ bool run_case(const Case& c, ElemType t) {
     std::fill(emu.dq.bytes.begin(), emu.dq.bytes.end(), 0xEE);
     std::fill(emu.dk.bytes.begin(), emu.dk.bytes.end(), 0xEE);
     std::fill(emu.dv.bytes.begin(), emu.dv.bytes.end(), 0xEE);
+    emu::watch(emu.dq.ptr(), emu.dq.bytes.size(), "dq");
+    emu::watch(emu.dk.ptr(), emu.dk.bytes.size(), "dk");
+    emu::watch(emu.dv.ptr(), emu.dv.bytes.size(), "dv");
+    emu::watch(emu.delta.data(), emu.delta.size() * 4, "delta");
+    if (split) emu::watch(emu.dqa.data(), emu.dqa.size() * 4, "dq slices");  // fp32 atomics otherwise
+    if (c.dbias) emu::watch(emu.dbias.data(), emu.dbias.size() * 4, "dbias");
     flash_bwd(emu.p, nullptr);
+    emu::unwatch_all();
     const std::string n = cname + (split ? " [split dq]" : " [atomic dq]");
     ok &= cmp_tensor("dq", n, emu.dq, ref.dq, cpu.dq, in.ldq, t, rel);
     ok &= cmp_tensor("dk", n, emu.dk, ref.dk, cpu.dk, in.ldk, t, rel);
@@ -587,6 +602,56 @@ std::vector<Case> cases() {
     c.N = 70;
     add(c);
   }
+  {  // the smallest shape that refills the forward's K/V stages (three key blocks) and the backward's
+     // Q / dO tiles (two query blocks): sanitize.sh's quick set
+    Case c{"d32 Lq80 Lk150", 1, 1, 80, 150, 1, 1, 32};
+    add(c);
+  }
+  {  // three key blocks: the forward's K/V stages are refilled while other warps may still read them
+    Case c{"d32 gqa causal B2 L150", 2, 1, 150, 150, 2, 1, 32};
+    c.causal = true;
+    add(c);
+  }
+  {
+    Case c{"d64 window both sides Lq<Lk", 1, 1, 150, 260, 2, 1, 64};
+    c.window = 20;
+    c.window_right = 70;
+    add(c);
+  }
+  {
+    Case c{"d32 window 0,0 gqa", 2, 1, 130, 130, 4, 2, 32};
+    c.window = 0;
+    c.window_right = 0;
+    add(c);
+  }
+  {
+    Case c{"d64 right window only Lq>Lk", 1, 1, 200, 90, 1, 2, 64};
+    c.window_right = 5;
+    add(c);
+  }
+  {
+    Case c{"d32 causal window right 3", 1, 1, 140, 140, 1, 1, 32};
+    c.causal = true;
+    c.window = 30;
+    c.window_right = 3;
+    add(c);
+  }
+  {
+    Case c{"d80 padded to 96 gqa causal window", 1, 1, 100, 130, 4, 2, 80};
+    c.causal = true;
+    c.window = 50;
+    add(c);
+  }
+  {
+    Case c{"d192 padded to 256 reverse-gqa", 1, 1, 70, 90, 1, 2, 192};
+    add(c);
+  }
+  {
+    Case c{"d40 padded to 64 bias dbias", 1, 1, 70, 70, 2, 2, 40};
+    c.bias = 1;
+    c.dbias = true;
+    add(c);
+  }
   {
     Case c{"d256 gqa causal", 1, 1, 70, 70, 2, 1, 256};
     c.causal = true;
@@ -602,10 +667,12 @@ int main(int argc, char** argv) {
   emu::g_smem_buffer_size = kEmuSmemBytes;
   if (const char* e = std::getenv("EMU_CP_ASYNC_EARLY")) emu::g_cp_async_early = e[0] == '1';
   const std::string filter = argc > 1 ? argv[1] : "";
+  const std::string dtypes = argc > 2 ? argv[2] : "fp16,bf16";  // e.g. "bf16": that dtype only
   int n = 0;
   for (const Case& c : cases()) {
     if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
     for (ElemType t : {ElemType::kFloat16, ElemType::kBFloat16}) {
+      if (dtypes.find(t == ElemType::kFloat16 ? "fp16" : "bf16") == std::string::npos) continue;
       run_case(c, t);
       ++n;
     }

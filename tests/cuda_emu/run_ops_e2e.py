@@ -28,17 +28,20 @@ from conftest import assert_close_fa  # noqa: E402
 import attnkit  # noqa: E402,F401
 from attnkit import reference  # noqa: E402
 
+# EMU_SANITIZE=1 (tests/cuda_emu/sanitize.sh): AddressSanitizer + UBSan build, run with libasan preloaded
+sanitize = os.environ.get("EMU_SANITIZE") == "1"
+san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 t0 = time.time()
 load(
-    name="attnkit_ops_emu",
+    name="attnkit_ops_emu_san" if sanitize else "attnkit_ops_emu",
     sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
                                      "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp",
                                      "emu_ops_dma_select.cpp")]
     + [str(root / f) for f in ("csrc/flash/flash_api.cpp", "csrc/sqa/sqa_api.cpp", "csrc/dma/dma_api.cpp")],
     # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
     extra_include_paths=[str(here / "ops_include"), str(here / "cuda_include"), str(here), str(root / "csrc")],
-    extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
-    extra_ldflags=["-pthread"],
+    extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"] + (san_flags if sanitize else []),
+    extra_ldflags=["-pthread"] + (san_flags if sanitize else []),
     build_directory=os.environ.get("EMU_BUILD_DIR") or None,
     verbose=bool(os.environ.get("EMU_VERBOSE")),
     is_python_module=False,
@@ -55,8 +58,14 @@ def close(name, a, r, e, dtype):
     assert_close_fa(a, r, e, atol, name)
 
 
+# EMU_CASES: only the cases whose label contains one of these '|'-separated substrings
+cases = [c for c in os.environ.get("EMU_CASES", "").split("|") if c]
+
+
 def run(label, fn, *args):
     global failed
+    if cases and not any(c in label for c in cases):
+        return
     t = time.time()
     try:
         fn(*args)
@@ -125,6 +134,97 @@ if only in ("", "sqa"):
             (1, 70, 70, 2, 2, 32, True),
         ]:
             run(f"sqa {str(dt):15s} {shape}", check_sqa, dt, *shape)
+
+
+def check_sqa_window(dtype, B, Lq, Lk, Hq, Hkv, D, causal, window, deterministic):
+    """window_size, deterministic dq and head dims padded inside the kernels (D not instantiated)."""
+    g = torch.Generator().manual_seed(Lq * 17 + Lk + D)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
+    v = torch.randn(B, Lk, Hkv, D, generator=g).to(dtype)
+    scale = D**-0.5
+    out, lse = emu.sqa_fwd(q, k, v, causal, scale, *window)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference.sqa_reference(*leaves64, causal=causal, scale=scale, return_lse=True, window_size=window)
+    # eager term: the same masked math at fp32 rounded to dtype
+    eager = reference.sqa_reference(*(t.float() for t in (q, k, v)), causal=causal, scale=scale,
+                                    window_size=window).to(dtype)
+    assert_close_fa(out, ref, eager, ATOL_FWD[dtype], "out")
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    grads = emu.sqa_bwd(dout, q, k, v, out, lse, causal, scale, *window, deterministic)
+    ref_g = torch.autograd.grad(ref, leaves64, dout.double())
+    for name, a, r in zip(("dq", "dk", "dv"), grads, ref_g):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close_fa(a, r, r.to(dtype), ATOL_BWD[dtype] * max(1.0, r.abs().max().item()), name)
+    if deterministic:
+        again = emu.sqa_bwd(dout, q, k, v, out, lse, causal, scale, *window, True)
+        assert all(torch.equal(x, y) for x, y in zip(grads, again)), "deterministic bwd not repeatable"
+
+
+def _cu(lengths):
+    return torch.tensor([0] + list(torch.tensor(lengths).cumsum(0).tolist()), dtype=torch.int32)
+
+
+def check_sqa_varlen(dtype, lq, lk, Hq, Hkv, D, causal, window, deterministic):
+    """One launch over packed sequences (per-batch offsets and lengths in the kernels)."""
+    g = torch.Generator().manual_seed(sum(lq) * 7 + sum(lk))
+    q = torch.randn(sum(lq), Hq, D, generator=g).to(dtype)
+    k = torch.randn(sum(lk), Hkv, D, generator=g).to(dtype)
+    v = torch.randn(sum(lk), Hkv, D, generator=g).to(dtype)
+    cq, ck = _cu(lq), _cu(lk)
+    scale = D**-0.5
+    out, lse = emu.sqa_varlen_fwd(q, k, v, cq, ck, max(lq), max(lk), causal, scale, *window)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference.sqa_varlen_reference(*leaves64, cq, ck, causal=causal, scale=scale, window_size=window,
+                                                  return_lse=True)
+    assert_close_fa(out, ref, ref.to(dtype), ATOL_FWD[dtype], "out")
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    grads = emu.sqa_varlen_bwd(dout, q, k, v, out, lse, cq, ck, max(lq), max(lk), causal, scale, *window,
+                               deterministic)
+    ref_g = torch.autograd.grad(ref, leaves64, dout.double())
+    for name, a, r in zip(("dq", "dk", "dv"), grads, ref_g):
+        assert a.dtype == dtype and a.shape == r.shape, name
+        assert_close_fa(a, r, r.to(dtype), ATOL_BWD[dtype] * max(1.0, r.abs().max().item()), name)
+
+
+def check_sqa_kvcache(dtype, B, Lq, Lnew, Lmax, cs, Hq, Hkv, D, causal, window):
+    """Append in place + attention over cache_seqlens[b] + Lnew keys per batch row (seqused_k)."""
+    g = torch.Generator().manual_seed(Lmax + D + Lq)
+    q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype)
+    kc = torch.randn(B, Lmax, Hkv, D, generator=g).to(dtype)
+    vc = torch.randn(B, Lmax, Hkv, D, generator=g).to(dtype)
+    k = torch.randn(B, Lnew, Hkv, D, generator=g).to(dtype) if Lnew else None
+    v = torch.randn(B, Lnew, Hkv, D, generator=g).to(dtype) if Lnew else None
+    seqlens = torch.tensor(cs, dtype=torch.int32)
+    ref, kc_ref, vc_ref, ref_lse = reference.sqa_kvcache_reference(q.double(), kc, vc, k, v, seqlens, causal=causal,
+                                                                   window_size=window, return_lse=True)
+    out, lse = emu.sqa_kvcache_fwd(q, kc, vc, k, v, seqlens, causal, D**-0.5, *window, 0)
+    assert_close_fa(out, ref, ref.to(dtype), ATOL_FWD[dtype], "out")
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+    assert torch.equal(kc.double(), kc_ref) and torch.equal(vc.double(), vc_ref), "cache append"
+
+
+if only in ("", "sqa", "sqa-api"):
+    for dt in (torch.float16, torch.bfloat16):
+        for shape in [
+            (1, 70, 140, 2, 1, 64, False, (20, 5), False),
+            (1, 130, 70, 1, 2, 32, True, (0, 0), True),
+            (1, 70, 70, 2, 2, 80, True, (-1, -1), False),  # D 80 runs the 96 kernel
+            (1, 40, 70, 2, 1, 192, False, (-1, 0), True),  # D 192 runs the 256 kernel
+        ]:
+            run(f"sqa window/det/pad-D {str(dt):15s} {shape}", check_sqa_window, dt, *shape)
+        for shape in [
+            ([5, 0, 70, 1], [9, 3, 64, 0], 2, 1, 32, False, (-1, -1), False),
+            ([70, 33, 0], [70, 100, 5], 1, 2, 64, True, (10, 2), True),
+        ]:
+            run(f"sqa varlen {str(dt):15s} {shape}", check_sqa_varlen, dt, *shape)
+        for shape in [
+            (3, 1, 1, 140, [0, 77, 130], 4, 2, 64, True, (-1, -1)),
+            (2, 4, 2, 90, [10, 70], 1, 2, 80, True, (16, -1)),
+        ]:
+            run(f"sqa kvcache {str(dt):15s} {shape}", check_sqa_kvcache, dt, *shape)
 
 
 # ---- routing: the tolerances of tests/test_routing.py ----

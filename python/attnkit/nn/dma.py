@@ -5,6 +5,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dma import dynamic_mask_attention
+from ..ops.dma_kvcache import dynamic_mask_attention_with_kvcache
+from .kv_cache import KVCache
 
 
 class DynamicMaskAttention(nn.Module):
@@ -16,6 +18,11 @@ class DynamicMaskAttention(nn.Module):
     and ``A`` through the bias. When ``L <= keep`` this is dense attention plus the bias.
 
     Input ``x`` ``[B, L, embed_dim]``; output ``[B, L, embed_dim]``.
+
+    ``forward(x, kv_cache=cache)`` (generation, forward only): ``cache`` is a
+    :class:`attnkit.nn.KVCache` made with ``with_bias=True``; the new tokens' keys, values and bias
+    are appended, the top-``keep`` selection runs over every cached key, and ``cache.seqlens``
+    advances by L (:func:`attnkit.dynamic_mask_attention_with_kvcache`).
     """
 
     def __init__(self, embed_dim, num_heads, num_kv_heads, keep=2048, causal=True, bias=False,
@@ -49,7 +56,7 @@ class DynamicMaskAttention(nn.Module):
         dt = self.dt_proj(v)  # [B, L, Hkv]
         return torch.exp(self.A * F.softplus(dt.float())).transpose(1, 2).contiguous()
 
-    def forward(self, x):
+    def forward(self, x, kv_cache: KVCache | None = None):
         b, l, _ = x.shape
         d = self.head_dim
         q = self.q_proj(x).view(b, l, self.num_heads, d)
@@ -57,5 +64,13 @@ class DynamicMaskAttention(nn.Module):
         k = self.k_proj(x).view(b, l, self.num_kv_heads, d)
         v = v_flat.view(b, l, self.num_kv_heads, d)
         bias = self.dynamic_bias(v_flat)
-        o = dynamic_mask_attention(q, k, v, bias, keep=self.keep, causal=self.causal)
+        if kv_cache is not None:
+            if kv_cache.bias is None:
+                raise ValueError("a DynamicMaskAttention layer needs a KVCache made with with_bias=True")
+            o = dynamic_mask_attention_with_kvcache(q, kv_cache.k, kv_cache.v, kv_cache.bias, k, v, bias,
+                                                    cache_seqlens=kv_cache.seqlens, keep=self.keep,
+                                                    causal=self.causal)
+            kv_cache.seqlens.add_(l)
+        else:
+            o = dynamic_mask_attention(q, k, v, bias, keep=self.keep, causal=self.causal)
         return self.o_proj(o.reshape(b, l, self.num_heads * d))

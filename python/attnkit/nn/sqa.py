@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.sqa import sparse_query_attention
+from ..ops.sqa import sparse_query_attention, sparse_query_attention_with_kvcache
+from .kv_cache import KVCache
 
 # Query / KV heads of each variant for num_heads = 16, as in the SQA paper. For another H the
 # counts scale with H (e.g. 'sqa' is H/2 query and H/4 KV heads), rounded down and at least 1;
@@ -50,6 +51,11 @@ class SparseQueryAttention(nn.Module):
     keys nor queries: each sequence runs through the op on its non-padded tokens only (same causal
     order), and the attention output at padded positions is 0 (so the layer returns Wo's bias
     there). This masked path loops over the batch; without padding the whole batch is one op call.
+
+    ``forward(x, kv_cache=cache)`` (generation): ``cache`` is a :class:`attnkit.nn.KVCache` with
+    ``num_kv_heads`` heads of ``head_dim``; the new tokens' keys / values are appended to it, they
+    attend to every cached token (bottom-right aligned causal mask when ``causal``), and
+    ``cache.seqlens`` advances by L. Forward only (:func:`attnkit.sparse_query_attention_with_kvcache`).
     """
 
     def __init__(
@@ -105,7 +111,8 @@ class SparseQueryAttention(nn.Module):
             f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, causal={self.causal}"
         )
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be [batch, length, {self.embed_dim}], got {shape}")
@@ -114,7 +121,13 @@ class SparseQueryAttention(nn.Module):
         q = self.q_proj(x).view(B, L, self.num_query_heads, hd)
         k = self.k_proj(x).view(B, L, self.num_kv_heads, hd)
         v = self.v_proj(x).view(B, L, self.num_kv_heads, hd)
-        if key_padding_mask is None:
+        if kv_cache is not None:
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask and kv_cache cannot be combined")
+            attn = sparse_query_attention_with_kvcache(q, kv_cache.k, kv_cache.v, k, v, cache_seqlens=kv_cache.seqlens,
+                                                       causal=self.causal)
+            kv_cache.seqlens.add_(L)
+        elif key_padding_mask is None:
             attn = sparse_query_attention(q, k, v, causal=self.causal)
         else:
             attn = self._padded_attention(q, k, v, key_padding_mask)

@@ -5,6 +5,7 @@ One module per op; every oracle is also importable from ``attnkit.reference``.""
 # ruff: noqa: F401
 
 from .dma import dynamic_mask_attention, dynamic_mask_dense, masked_bias_attention
+from .dma_kvcache import dma_kvcache_reference
 from .lightning import lightning_attention_decode_reference, lightning_attention_reference, lightning_slopes_reference
 from .routing import (
     ROUTING_SELF_SCORE,
@@ -17,4 +18,4 @@ from .routing import (
     routing_scores_ref,
     routing_topw_ref,
 )
-from .sqa import full_attention_ref, sqa_head_mapping, sqa_reference
+from .sqa import full_attention_ref, sqa_head_mapping, sqa_kvcache_reference, sqa_reference, sqa_varlen_reference
