@@ -115,12 +115,12 @@ def dma_deterministic(dtype, B, lq, lk, hq, hkv, d, keep, causal):
         assert torch.equal(a, b), f"{name}: tile skipping on / off differ in deterministic mode"
 
 
-for dt in (torch.float16, torch.bfloat16):
-    for wl in (0, 63, 100):
-        run(f"routing local window {dt} window_left={wl} det", local_window, dt, 1, 200, 2, 64, wl, True)
-    run(f"routing local window {dt} window_left=100 atomic", local_window, dt, 1, 200, 2, 64, 100, False)
-    run(f"routing local window {dt} window_left=500 det (wider than L)", local_window, dt, 1, 130, 1, 32, 500, True)
-run("dma deterministic fp16 GQA", dma_deterministic, torch.float16, 1, 130, 150, 4, 2, 64, 40, True)
-run("dma deterministic bf16 SQA", dma_deterministic, torch.bfloat16, 2, 70, 70, 1, 2, 32, 17, False)
+# Small shapes: the emulator runs every CUDA thread as a host thread (minutes per case on 2 cores).
+# window_left 0 and 63 use fewer slices than key blocks (2 and 3 of 4): the windowed numbering.
+run("routing local window fp16 window_left=0 det", local_window, torch.float16, 1, 200, 1, 32, 0, True)
+run("routing local window bf16 window_left=63 det", local_window, torch.bfloat16, 1, 200, 1, 32, 63, True)
+run("routing local window fp16 window_left=63 atomic", local_window, torch.float16, 1, 200, 1, 32, 63, False)
+run("dma deterministic fp16 GQA", dma_deterministic, torch.float16, 1, 70, 130, 2, 1, 32, 40, True)
+run("dma deterministic bf16 SQA", dma_deterministic, torch.bfloat16, 1, 70, 70, 1, 2, 32, 17, False)
 print(f"{failed} failed ({time.time() - t0:.0f}s)")
 sys.exit(1 if failed else 0)

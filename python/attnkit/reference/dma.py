@@ -62,7 +62,8 @@ def _dense_attention(q, k, v, bias4, allowed4, scale):
         s = s + bias4
     neg_inf = torch.full((), float("-inf"), dtype=s.dtype, device=s.device)
     s = torch.where(allowed4, s, neg_inf)
-    m = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] > 0 else torch.zeros_like(s[..., :1])
+    # with no key at all (Lk = 0) the row statistics still have one column (s[..., :1] would have none)
+    m = s.amax(dim=-1, keepdim=True).detach() if s.shape[-1] > 0 else s.new_zeros(s.shape[:-1] + (1,))
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
     l = e.sum(dim=-1, keepdim=True)
