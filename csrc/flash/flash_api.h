@@ -56,6 +56,11 @@ void set_row_threshold(FlashParams& p, const at::Tensor& thr, const at::Tensor& 
 // contiguous. Sets num_segments = S, seqlen_q = wq, seqlen_k = wk.
 void set_segments(FlashParams& p, const at::Tensor& q_index, const at::Tensor& k_index);
 
+// Compact query gathers (see FlashParams::q_count): q_index [B, h_out, 1, w] int32 (each list
+// ascending in its valid part), q_count [B, h_out] int32 contiguous, no key gather. Sets
+// seqlen_q = w; keys stay [B, Lk, h_kv, D].
+void set_compact_rows(FlashParams& p, const at::Tensor& q_index, const at::Tensor& q_count);
+
 // The CUDA kernels copy 16-byte chunks: the data pointer must be 16-byte aligned and every stride but
 // the last a multiple of 8 elements. Returns t itself when it is, else a contiguous aligned copy.
 at::Tensor cuda_aligned(const at::Tensor& t);

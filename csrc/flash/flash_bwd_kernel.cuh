@@ -101,15 +101,15 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
     for (int t = 0; t < it.count(); ++t) {
       const int mb = it.at(t);
       const int m0 = mb * BM;
-      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, p.seqlen_q, m0);
+      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.rows_q, m0);
       // dout lives in segment space: contiguous rows, no gather
       load_tile<T, BM, D, LD, NTH>(sdO, dob + int64_t(c.seg) * p.seqlen_q * p.do_row_stride, p.do_row_stride,
-                                   nullptr, 0, p.seqlen_q, m0);
+                                   nullptr, 0, c.rows_q, m0);
       cp_async_commit();
       if (threadIdx.x < BM) {
         const int i = m0 + threadIdx.x;
         float l = INFINITY, d = 0.f;
-        if (i < p.seqlen_q) {
+        if (i < c.rows_q) {
           const float lv = lse_b[i];
           l = lv == -INFINITY ? INFINITY : lv * kLog2e;
           d = delta_b[i];
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const int row = m0 + wr * 16 + (lane >> 2) + 8 * k;
-          if (row < p.seqlen_q) {
+          if (row < c.rows_q) {
             float* dst = dqa_b + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
             if (p.dq_splits > 0) {  // this block owns the slice: one store per element
 #pragma unroll

@@ -2,7 +2,8 @@
 
 from .dma import DynamicMaskAttention
 from .lightning import LightningAttention
+from .moh import MOH_PRESETS, MoHAttention
 from .routing import RoutingAttention
 from .sqa import SQA_PRESETS, SparseQueryAttention
 
-__all__ = ["DynamicMaskAttention", "LightningAttention", "RoutingAttention", "SQA_PRESETS", "SparseQueryAttention"]
+__all__ = ["DynamicMaskAttention", "LightningAttention", "MOH_PRESETS", "MoHAttention", "RoutingAttention", "SQA_PRESETS", "SparseQueryAttention"]

@@ -18,3 +18,4 @@ from .routing import (
     routing_topw_ref,
 )
 from .sqa import full_attention_ref, sqa_head_mapping, sqa_reference
+from .moh import mixture_of_heads_attention_ref, moh_gate_dense
