@@ -412,3 +412,20 @@ def test_module_bad_args():
         attnkit.nn.MoHAttention(32, 4, 4, 1)
     with pytest.raises(ValueError, match="num_kv_heads"):
         attnkit.nn.MoHAttention(32, 4, 1, 1, num_kv_heads=3)
+
+
+# ---- bench cases ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_bench_case_gate(mode):
+    """The registered bench case runs, and the op and dense MoH pass the gate against the oracle."""
+    from attnkit.bench.cases import moh as moh_cases
+    from attnkit.bench.runner import Runner
+    from attnkit.bench.timing import TimingPolicy
+
+    case = moh_cases.moh_case(0.5, H=4, B=1, L=40, D=16, causal=True, dtype=torch.float32, device="cpu", mode=mode)
+    res = Runner("cpu", TimingPolicy(warmup=1, min_reps=2, max_reps=3, target_s=0.005, flush_l2=False)).run_case(case)
+    assert res.gate["status"] == "PASS", (res.op_result.status, res.op_result.note, res.op_result.gate_detail)
+    dense = res.impl("dense-moh")
+    assert dense.status == "ok" and dense.gate == "PASS", (dense.status, dense.note)
