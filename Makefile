@@ -35,8 +35,9 @@ build: $(SETUP)
 # The test suite also exercises the test-only ops (ATTNKIT_TEST_OPS); a plain build leaves them out.
 test dev devtest: export ATTNKIT_TEST_OPS := 1
 
+# slow tests (e.g. the emulator's planted-bug checks) run only on request: pytest -m slow
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not slow"
 
 bench: build
 	$(PY) -m attnkit.bench
@@ -54,7 +55,7 @@ dev: $(SETUP)
 	cp build/dev/_C*.so python/attnkit/
 
 devtest: dev
-	PYTHONPATH=python $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	PYTHONPATH=python $(PY) -m pytest -q tests -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist bench-results

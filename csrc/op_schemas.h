@@ -67,13 +67,15 @@ ATTNKIT_OP(
     "dma_select(Tensor bias, int keep, int lq, bool causal)"
     " -> (Tensor thr, Tensor tie, Tensor fwd_list, Tensor fwd_count, Tensor bwd_list, Tensor bwd_count)")
 // Tile lists are optional (None: no tile skipping); the backward lists ride along for autograd.
+// deterministic is read by the backward only (True: dq through per-key-block fp32 slices summed in a
+// fixed order on CUDA, False: fp32 atomics); the forward takes it so that autograd can pass it on.
 ATTNKIT_OP(
     "dma_fwd(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor thr, Tensor tie, Tensor? fwd_list,"
-    " Tensor? fwd_count, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
-    " -> (Tensor out, Tensor lse)")
+    " Tensor? fwd_count, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale,"
+    " bool deterministic=False) -> (Tensor out, Tensor lse)")
 ATTNKIT_OP(
     "dma_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor out, Tensor lse, Tensor thr,"
-    " Tensor tie, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale)"
+    " Tensor tie, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale, bool deterministic=False)"
     " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
 // Compatibility path (flash-dmattn interface): attn_mask (bool) and attn_bias broadcastable to
 // [B, Hq|Hkv|1, Lq|1, Lk]. dbias has attn_bias's shape and dtype (empty when not asked for).

@@ -9,8 +9,35 @@ import torch
 
 import attnkit  # noqa: F401  (registers the ops)
 
-# "cuda" only where a GPU is visible; CUDA-parametrised tests then run, else they do not exist.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_CUDA = torch.cuda.is_available()
+CUDA_SKIP_REASON = "needs a CUDA device"
+
+# Both devices are always collected. "cuda" is a plain string so that tests can build tuples of
+# parameters from it (``for d in DEVICES``); pytest_collection_modifyitems below marks every collected
+# case that has a "cuda" parameter (alone or inside a tuple) as skipped when no GPU is visible, so the
+# summary shows what did not run.
+DEVICES = ["cpu", "cuda"]
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason=CUDA_SKIP_REASON))
+
+
+def _mentions_cuda(value) -> bool:
+    if isinstance(value, str):
+        return value == "cuda" or value.startswith("cuda:")
+    if isinstance(value, torch.device):
+        return value.type == "cuda"
+    if isinstance(value, (tuple, list)):
+        return any(_mentions_cuda(v) for v in value)
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and any(_mentions_cuda(v) for v in callspec.params.values()):
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=DEVICES)

@@ -132,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor> dma_fwd_cpu(const at::Tensor& q, const at::Te
                                                const std::optional<at::Tensor>& fwd_list,
                                                const std::optional<at::Tensor>& fwd_count,
                                                const std::optional<at::Tensor>& bwd_list,
-                                               const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
+                                               const std::optional<at::Tensor>& bwd_count, bool causal, double scale,
+                                               bool /*deterministic: backward only*/) {
   check_dma_inputs(q, k, v, bias, false);
   check_mask_inputs(q, k, thr, tie, fwd_list, fwd_count, true);
   check_mask_inputs(q, k, thr, tie, bwd_list, bwd_count, false);
@@ -149,7 +150,8 @@ std::tuple<at::Tensor, at::Tensor> dma_fwd_cpu(const at::Tensor& q, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& thr, const at::Tensor& tie,
-    const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
+    const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count, bool causal, double scale,
+    bool /*deterministic: the CPU core always is*/) {
   check_dma_inputs(q, k, v, bias, false);
   flash::check_backward_inputs(dout, q, k, out, lse);
   check_mask_inputs(q, k, thr, tie, bwd_list, bwd_count, false);

@@ -79,7 +79,8 @@ std::tuple<at::Tensor, at::Tensor> dma_fwd_cuda(const at::Tensor& q_in, const at
                                                 const at::Tensor& tie, const std::optional<at::Tensor>& fwd_list,
                                                 const std::optional<at::Tensor>& fwd_count,
                                                 const std::optional<at::Tensor>& bwd_list,
-                                                const std::optional<at::Tensor>& bwd_count, bool causal, double scale) {
+                                                const std::optional<at::Tensor>& bwd_count, bool causal, double scale,
+                                                bool /*deterministic: backward only*/) {
   check_dma_inputs(q_in, k_in, v_in, bias, /*for_cuda_kernel=*/true);
   check_mask_inputs(q_in, k_in, thr, tie, fwd_list, fwd_count, true);
   check_mask_inputs(q_in, k_in, thr, tie, bwd_list, bwd_count, false);
@@ -102,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& bias, const at::Tensor& out_in, const at::Tensor& lse, const at::Tensor& thr,
     const at::Tensor& tie, const std::optional<at::Tensor>& bwd_list, const std::optional<at::Tensor>& bwd_count,
-    bool causal, double scale) {
+    bool causal, double scale, bool deterministic) {
   check_dma_inputs(q_in, k_in, v_in, bias, /*for_cuda_kernel=*/true);
   flash::check_backward_inputs(dout_in, q_in, k_in, out_in, lse);
   check_mask_inputs(q_in, k_in, thr, tie, bwd_list, bwd_count, false);
@@ -120,7 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dma_bwd_cuda(
              dv = at::empty(v.sizes(), v.options());
   const at::Tensor lse_c = lse.contiguous();  // delta below shares its (contiguous) layout
   const at::Tensor delta = at::empty(lse_c.sizes(), lse_c.options());
-  const at::Tensor dq_accum = at::zeros({p.batch, p.seqlen_q, p.h_q, p.head_dim}, q.options().dtype(at::kFloat));
+  // deterministic: one fp32 dq slice per key block (per query head of a group), summed in a fixed
+  // order by the epilogue; else one buffer with fp32 atomics
+  const at::Tensor dq_accum = flash::alloc_dq_accum(p, q.options(), deterministic);
   flash::set_output(p, out, lse_c);
   flash::set_backward(p, dout, dq, dk, dv);
   flash::set_workspaces(p, delta, dq_accum);

@@ -1,4 +1,5 @@
 #include "flash/flash_api.h"
+#include "flash/flash_validate.h"
 
 #include <cmath>
 #include <cstring>
@@ -125,7 +126,8 @@ at::Tensor alloc_dq_accum(const FlashParams& p, const at::TensorOptions& options
   const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
   const auto opts = options.dtype(at::kFloat);
   if (!deterministic) return at::zeros({p.batch, rows, p.h_q, p.head_dim}, opts);
-  const int64_t splits = ((int64_t(p.seqlen_k) + 63) / 64) * p.q_group;
+  // bounded by the window for causal local attention (see dq_split_key_blocks)
+  const int64_t splits = int64_t(dq_split_key_blocks(p)) * p.q_group;
   return at::zeros({std::max<int64_t>(splits, 1), p.batch, rows, p.h_q, p.head_dim}, opts);
 }
 

@@ -11,6 +11,7 @@
 //   phase 2 (4 x 2 warps over 64 keys x D): dV += P^T dO, dK += dS^T Q;
 //   phase 3 (4 x 2 warps over 64 queries x D): dQ += dS K (atomics).
 #pragma once
+#include "common/cuda_check.h"
 #include "flash/flash.h"
 #include "flash/flash_common.cuh"
 
@@ -95,12 +96,20 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
     const float* delta_b =
         p.delta + c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q;
     float* dqa_b = p.dq_accum + c.b * p.dqa_batch_stride + c.hq * p.dqa_head_stride;
-    if (p.dq_splits > 0) dqa_b += int64_t(n_block * p.q_group + h % p.q_group) * p.dqa_split_stride;
+    if (p.dq_splits > 0) dqa_b += int64_t(h % p.q_group) * p.dqa_split_stride;
+    // deterministic dq: key block n stores into slice (n - base) * q_group + h % q_group, base = the
+    // first key block query block mb can see when the slices are windowed (dq_slices_windowed), else 0
+    const bool windowed_slices = p.dq_splits > 0 && p.causal && p.window_left >= 0 && !mctx.index && !p.active_list;
 
     const BlockIter it = bwd_blocks<BM, BN>(p, mctx, c, n_block);
     for (int t = 0; t < it.count(); ++t) {
       const int mb = it.at(t);
       const int m0 = mb * BM;
+      float* dqa_m = dqa_b;
+      if (p.dq_splits > 0) {
+        const int base = windowed_slices ? max(0, floor_div(m0 + mctx.shift - p.window_left, BN)) : 0;
+        dqa_m += int64_t(n_block - base) * p.q_group * p.dqa_split_stride;
+      }
       load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.rows_q, m0);
       // dout lives in segment space: contiguous rows, no gather
       load_tile<T, BM, D, LD, NTH>(sdO, dob + int64_t(c.seg) * p.seqlen_q * p.do_row_stride, p.do_row_stride,
@@ -199,7 +208,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
         for (int k = 0; k < 2; ++k) {
           const int row = m0 + wr * 16 + (lane >> 2) + 8 * k;
           if (row < c.rows_q) {
-            float* dst = dqa_b + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
+            float* dst = dqa_m + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
             if (p.dq_splits > 0) {  // this block owns the slice: one store per element
 #pragma unroll
               for (int j = 0; j < NT_D; ++j) {
@@ -270,9 +279,10 @@ void launch_flash_bwd_main(const FlashParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.z == 0 || p.h_kv == 0) return;
   auto kernel = &flash_bwd_kernel<T, D>;
   if (Tr::kSmem > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
+    ATTNKIT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem)));
   }
   ATTNKIT_LAUNCH_KERNEL(kernel, grid, Tr::kThreads, Tr::kSmem, stream, p);
+  ATTNKIT_LAUNCH_CHECK();
 }
 
 }  // namespace attnkit::flash

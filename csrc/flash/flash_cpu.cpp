@@ -17,7 +17,6 @@
 // Block products run through cpu::gemm_nn (csrc/common/cpu_gemm.h): ATen's BLAS / oneDNN block GEMM
 // for float, plain loops for double. fp32 operands that need no conversion and no gather are read in
 // place from the inputs (row stride as leading dimension); the others are copied to fp32 tiles.
-// Keys enter the score product transposed (a D x kBlockN tile).
 //
 // Tiles that no row needs are not computed: key ranges come from the causal / window masks; with the
 // kept predicate and a row-broadcast bias (DMA) a key is kept by some row of a query block only if its
@@ -124,8 +123,56 @@ double exp_row(double* s, int n, double shift) {
 }
 
 #if ATTNKIT_CPU_AVX2
+// exp_poly on 8 lanes (GCC / clang vector extensions), rounding by the 1.5 * 2^23 trick: the
+// rounded n sits in the low mantissa bits of x / ln 2 + 1.5 * 2^23.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"  // vf8 only passes between inlined helpers of this file
+#endif
+typedef float vf8 __attribute__((vector_size(32)));
+typedef int32_t vi8 __attribute__((vector_size(32)));
+ATTNKIT_TARGET_AVX2 inline vf8 load8(const float* p) {
+  vf8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+ATTNKIT_TARGET_AVX2 inline void store8(float* p, vf8 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+ATTNKIT_TARGET_AVX2 inline vf8 exp8(vf8 x) {
+  const vf8 lo = vf8{} - 87.0f, hi = vf8{} + 88.0f, magic = vf8{} + 12582912.0f;
+  vf8 xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const vf8 t = xc * 1.44269504088896341f + magic;
+  const vf8 n = t - magic;
+  const vf8 f = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  vf8 e = vf8{} + 1.0f / 5040.0f;
+  e = e * f + 1.0f / 720.0f;
+  e = e * f + 1.0f / 120.0f;
+  e = e * f + 1.0f / 24.0f;
+  e = e * f + 1.0f / 6.0f;
+  e = e * f + 0.5f;
+  e = e * f + 1.0f;
+  e = e * f + 1.0f;
+  const vi8 ni = reinterpret_cast<vi8>(t) - reinterpret_cast<vi8>(magic);
+  const vf8 sc = reinterpret_cast<vf8>((ni + 127) << 23);
+  const vf8 r = e * sc;
+  return x < lo ? vf8{} : r;
+}
 ATTNKIT_TARGET_AVX2 float exp_row_avx2(float* s, int n, float shift) {
-  return exp_row_impl(s, n, shift);
+  vf8 acc = vf8{};
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const vf8 e = exp8(load8(s + c) - shift);
+    store8(s + c, e);
+    acc += e;
+  }
+  float sum = 0.f;
+  for (int u = 0; u < 8; ++u) sum += acc[u];
+  for (; c < n; ++c) {
+    s[c] = exp_poly(s[c] - shift);
+    sum += s[c];
+  }
+  return sum;
 }
 bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && fast_kernels();
@@ -140,6 +187,77 @@ float exp_row(float* s, int n, float shift) {
   return exp_row_impl(s, n, shift);
 }
 
+// Largest of s[0, n) (-inf when n == 0); NaN-free inputs.
+template <typename A>
+inline A row_max_impl(const A* s, int n) {
+  A m = -std::numeric_limits<A>::infinity();
+  for (int c = 0; c < n; ++c) m = std::max(m, s[c]);
+  return m;
+}
+double row_max(const double* s, int n) {
+  return row_max_impl(s, n);
+}
+#if ATTNKIT_CPU_AVX2
+ATTNKIT_TARGET_AVX2 float row_max_avx2(const float* s, int n) {
+  vf8 m = vf8{} - std::numeric_limits<float>::infinity();
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const vf8 x = load8(s + c);
+    m = x > m ? x : m;
+  }
+  float r = -std::numeric_limits<float>::infinity();
+  for (int u = 0; u < 8; ++u) r = std::max(r, m[u]);
+  for (; c < n; ++c) r = std::max(r, s[c]);
+  return r;
+}
+#endif
+float row_max(const float* s, int n) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return row_max_avx2(s, n);
+#endif
+  return row_max_impl(s, n);
+}
+
+// One row of the kept-predicate scores (see finish_scores): srow[c] = srow[c] * scale + tb[c] where
+// (tb[c] > thr or (tb[c] == thr and tj[c] <= tie)) and tj[c] <= lim, else -inf.
+template <typename A>
+inline void kept_row_impl(A* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+                          A scale) {
+  for (int c = 0; c < n; ++c) {
+    const bool kept = (tb[c] > thr) | ((tb[c] == thr) & (tj[c] <= tie));
+    const bool vis = kept & (tj[c] <= lim);
+    srow[c] = vis ? srow[c] * scale + static_cast<A>(tb[c]) : -std::numeric_limits<A>::infinity();
+  }
+}
+void kept_row(double* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+              double scale) {
+  kept_row_impl(srow, tb, tj, n, thr, tie, lim, scale);
+}
+#if ATTNKIT_CPU_AVX2
+ATTNKIT_TARGET_AVX2 void kept_row_avx2(float* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie,
+                                       int32_t lim, float scale) {
+  const vf8 thrv = vf8{} + thr, ninf = vf8{} - std::numeric_limits<float>::infinity();
+  const vi8 tiev = vi8{} + tie, limv = vi8{} + lim;
+  int c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const vf8 b = load8(tb + c);
+    vi8 j;
+    std::memcpy(&j, tj + c, sizeof(j));
+    const vi8 vis = ((b > thrv) | ((b == thrv) & (j <= tiev))) & (j <= limv);
+    const vf8 x = load8(srow + c) * scale + b;
+    store8(srow + c, vis ? x : ninf);
+  }
+  kept_row_impl(srow + c, tb + c, tj + c, n - c, thr, tie, lim, scale);
+}
+#endif
+void kept_row(float* srow, const float* tb, const int32_t* tj, int n, float thr, int32_t tie, int32_t lim,
+              float scale) {
+#if ATTNKIT_CPU_AVX2
+  if (cpu_has_avx2()) return kept_row_avx2(srow, tb, tj, n, thr, tie, lim, scale);
+#endif
+  kept_row_impl(srow, tb, tj, n, thr, tie, lim, scale);
+}
+
 // Runs body(scratch, t) for every t in [0, n) on the intra-op threads; tasks go out in index order
 // from a shared counter; each thread makes its scratch once with make_scratch().
 template <typename MakeScratch, typename Body>
@@ -148,6 +266,7 @@ void run_tasks(int64_t n, MakeScratch&& make_scratch, Body&& body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const cpu::SingleThreadBlas single_thread_blas;
     auto scratch = make_scratch();
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(scratch, t);
   });
@@ -231,25 +350,6 @@ inline void load_rows(A* dst, const T* base, int64_t row_stride, int m, int D, R
   }
 }
 
-// Loads rows transposed: dst[D][kBlockN], column c holds source row row_of(c).
-template <typename T, typename A, typename RowFn>
-inline void load_rows_t(A* dst, const T* base, int64_t row_stride, int n, int D, RowFn row_of) {
-  for (int c = 0; c < n; ++c) {
-    const T* src = base + row_of(c) * row_stride;
-    for (int x = 0; x < D; ++x) dst[int64_t(x) * kBlockN + c] = static_cast<A>(src[x]);
-  }
-}
-
-// dst[c][r] = src[r][c] for r < m, c < n (src row stride kBlockN, dst row stride kBlockM).
-template <typename A>
-inline void transpose_tile(A* __restrict dst, const A* __restrict src, int m, int n) {
-  for (int r0 = 0; r0 < m; r0 += 8) {
-    const int r1 = std::min(m, r0 + 8);
-    for (int c = 0; c < n; ++c)
-      for (int r = r0; r < r1; ++r) dst[int64_t(c) * kBlockM + r] = src[int64_t(r) * kBlockN + c];
-  }
-}
-
 // A tile of n key columns: j0 + c, or cols[c] when the tile is gathered.
 struct KeyTile {
   int64_t j0;
@@ -329,6 +429,26 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
     }
     return;
   }
+  if (!indexed && !p.self_mask && !check_window && ctx.thr && p.bias_row_stride == 0 && !nograd) {
+    // Kept predicate over a row-broadcast bias (DMA), optionally causal: the tile's bias values and
+    // columns are read once, then each row is one branch-free, vectorisable pass.
+    float tb[kBlockN];
+    int32_t tj[kBlockN];
+    const float* brow = ctx.bias + ctx.col0;
+    for (int c = 0; c < n; ++c) {
+      tj[c] = int32_t(tile.col(c));
+      tb[c] = brow[tj[c]];
+    }
+    for (int r = 0; r < m; ++r) {
+      A* srow = S + int64_t(r) * kBlockN;
+      const int64_t i = i0 + r;
+      const float thr = ctx.thr[ctx.row0 + i];
+      const int32_t tie = int32_t(std::min<int64_t>(int64_t(ctx.tie[ctx.row0 + i]) - ctx.col0, INT32_MAX));
+      const int32_t lim = check_causal ? int32_t(std::min<int64_t>(i + ctx.shift, INT32_MAX)) : INT32_MAX;
+      kept_row(srow, tb, tj, n, thr, tie, lim, scale);
+    }
+    return;
+  }
   for (int r = 0; r < m; ++r) {
     A* srow = S + int64_t(r) * kBlockN;
     const int64_t i = i0 + r;
@@ -364,12 +484,12 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
 // ------------------------------------------------------------------------------------------------
 template <typename A>
 struct FwdScratch {
-  std::vector<A> Q, O, Kt, V, S, mx, l;
+  std::vector<A> Q, O, K, V, S, mx, l;
   std::vector<int> cols;
   FwdScratch(int D)
       : Q(int64_t(kBlockM) * D),
         O(int64_t(kBlockM) * D),
-        Kt(int64_t(D) * kBlockN),
+        K(int64_t(kBlockN) * D),
         V(int64_t(kBlockN) * D),
         S(int64_t(kBlockM) * kBlockN),
         mx(kBlockM),
@@ -415,21 +535,22 @@ void fwd_impl(const FlashParams& p) {
         for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
           const int n = tile.n;
           auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
-          load_rows_t(w.Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
-          const A* Vp = w.V.data();
-          int64_t ldv = D;
+          const A *Kp = w.K.data(), *Vp = w.V.data();
+          int64_t ldk = D, ldv = D;
           if (kInPlace && !tile.cols && !ctx.kidx) {
+            Kp = reinterpret_cast<const A*>(ctx.k) + ctx.krow(tile.j0) * p.k_row_stride;
             Vp = reinterpret_cast<const A*>(ctx.v) + ctx.krow(tile.j0) * p.v_row_stride;
+            ldk = p.k_row_stride;
             ldv = p.v_row_stride;
           } else {
+            load_rows(w.K.data(), ctx.k, p.k_row_stride, n, D, kr);
             load_rows(w.V.data(), ctx.v, p.v_row_stride, n, D, kr);
           }
-          cpu::gemm_nn(m, n, D, Qp, ldq, w.Kt.data(), kBlockN, S, kBlockN, false, fast);  // S = Q K^T
+          cpu::gemm(false, true, m, n, D, Qp, ldq, Kp, ldk, S, kBlockN, false, fast);  // S = Q K^T
           finish_scores(ctx, i0, m, tile, S, static_cast<uint8_t*>(nullptr));
           for (int r = 0; r < m; ++r) {
             A* srow = S + int64_t(r) * kBlockN;
-            A bmax = neg_inf;
-            for (int c = 0; c < n; ++c) bmax = std::max(bmax, srow[c]);
+            const A bmax = row_max(srow, n);
             const A mnew = std::max(w.mx[r], bmax);
             if (mnew == neg_inf) {  // nothing visible yet: this row contributes nothing
               std::fill(srow, srow + n, A(0));
@@ -469,20 +590,17 @@ void fwd_impl(const FlashParams& p) {
 // ------------------------------------------------------------------------------------------------
 template <typename A>
 struct BwdScratch {
-  std::vector<A> Q, dO, Kt, Vt, K, S, dP, dS, Pt, dSt, dQ, lse, dl, dK, dV, tK, tV, colsum;
+  std::vector<A> Q, dO, K, V, S, dP, dS, dQ, lse, dl, dK, dV, tK, tV, colsum;
   std::vector<uint8_t> ng;
   std::vector<int> cols;
   BwdScratch(int D, int64_t lk, bool colsums)
       : Q(int64_t(kBlockM) * D),
         dO(int64_t(kBlockM) * D),
-        Kt(int64_t(D) * kBlockN),
-        Vt(int64_t(D) * kBlockN),
         K(int64_t(kBlockN) * D),
+        V(int64_t(kBlockN) * D),
         S(int64_t(kBlockM) * kBlockN),
         dP(int64_t(kBlockM) * kBlockN),
         dS(int64_t(kBlockM) * kBlockN),
-        Pt(int64_t(kBlockN) * kBlockM),
-        dSt(int64_t(kBlockN) * kBlockM),
         dQ(int64_t(kBlockM) * D),
         lse(kBlockM),
         dl(kBlockM),
@@ -583,19 +701,20 @@ void bwd_impl(const FlashParams& p) {
           for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
             const int n = tile.n;
             auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
-            load_rows_t(w.Kt.data(), ctx.k, p.k_row_stride, n, D, kr);
-            load_rows_t(w.Vt.data(), ctx.v, p.v_row_stride, n, D, kr);
-            const A* Kp = w.K.data();
-            int64_t ldk = D;
+            const A *Kp = w.K.data(), *Vp = w.V.data();
+            int64_t ldk = D, ldv = D;
             if (kInPlace && !tile.cols && !ctx.kidx) {
               Kp = reinterpret_cast<const A*>(ctx.k) + ctx.krow(tile.j0) * p.k_row_stride;
+              Vp = reinterpret_cast<const A*>(ctx.v) + ctx.krow(tile.j0) * p.v_row_stride;
               ldk = p.k_row_stride;
+              ldv = p.v_row_stride;
             } else {
               load_rows(w.K.data(), ctx.k, p.k_row_stride, n, D, kr);
+              load_rows(w.V.data(), ctx.v, p.v_row_stride, n, D, kr);
             }
-            cpu::gemm_nn(m, n, D, Qp, ldq, w.Kt.data(), kBlockN, S, kBlockN, false, fast);  // S = Q K^T
+            cpu::gemm(false, true, m, n, D, Qp, ldq, Kp, ldk, S, kBlockN, false, fast);  // S = Q K^T
             finish_scores(ctx, i0, m, tile, S, p.self_mask ? w.ng.data() : nullptr);
-            cpu::gemm_nn(m, n, D, dOp, lddo, w.Vt.data(), kBlockN, dP, kBlockN, false, fast);  // dP = dO V^T
+            cpu::gemm(false, true, m, n, D, dOp, lddo, Vp, ldv, dP, kBlockN, false, fast);  // dP = dO V^T
             for (int r = 0; r < m; ++r) {
               A* srow = S + int64_t(r) * kBlockN;
               A* dsrow = dS + int64_t(r) * kBlockN;
@@ -615,16 +734,14 @@ void bwd_impl(const FlashParams& p) {
               }
             }
             cpu::gemm_nn(m, D, n, dS, kBlockN, Kp, ldk, w.dQ.data(), D, true, fast);  // dQ += dS K
-            transpose_tile(w.Pt.data(), S, m, n);
-            transpose_tile(w.dSt.data(), dS, m, n);
             if (!tile.cols) {
               A* dV = w.dV.data() + tile.j0 * D;
               A* dK = w.dK.data() + tile.j0 * D;
-              cpu::gemm_nn(n, D, m, w.Pt.data(), kBlockM, dOp, lddo, dV, D, true, fast);  // dV += P^T dO
-              cpu::gemm_nn(n, D, m, w.dSt.data(), kBlockM, Qp, ldq, dK, D, true, fast);  // dK += dS^T Q
+              cpu::gemm(true, false, n, D, m, S, kBlockN, dOp, lddo, dV, D, true, fast);  // dV += P^T dO
+              cpu::gemm(true, false, n, D, m, dS, kBlockN, Qp, ldq, dK, D, true, fast);   // dK += dS^T Q
             } else {
-              cpu::gemm_nn(n, D, m, w.Pt.data(), kBlockM, dOp, lddo, w.tV.data(), D, false, fast);
-              cpu::gemm_nn(n, D, m, w.dSt.data(), kBlockM, Qp, ldq, w.tK.data(), D, false, fast);
+              cpu::gemm(true, false, n, D, m, S, kBlockN, dOp, lddo, w.tV.data(), D, false, fast);
+              cpu::gemm(true, false, n, D, m, dS, kBlockN, Qp, ldq, w.tK.data(), D, false, fast);
               for (int c = 0; c < n; ++c) {
                 A* dV = w.dV.data() + tile.col(c) * D;
                 A* dK = w.dK.data() + tile.col(c) * D;
@@ -643,13 +760,13 @@ void bwd_impl(const FlashParams& p) {
                 for (int c = 0; c < n; ++c) dst[tile.col(c)] = static_cast<float>(dsr[c]);
               }
             } else if (colsums) {
-              const A* dst_t = w.dSt.data();
-              for (int c = 0; c < n; ++c) {
-                const A* col = dst_t + int64_t(c) * kBlockM;
-                A acc = A(0);
-                for (int r = 0; r < m; ++r) acc += col[r];
-                w.colsum[tile.col(c)] += acc;
+              A* cs = w.dP.data();  // dP is free again: column sums of dS in its first row
+              std::fill(cs, cs + n, A(0));
+              for (int r = 0; r < m; ++r) {
+                const A* dsr = dS + int64_t(r) * kBlockN;
+                for (int c = 0; c < n; ++c) cs[c] += dsr[c];
               }
+              for (int c = 0; c < n; ++c) w.colsum[tile.col(c)] += cs[c];
             }
           });
 

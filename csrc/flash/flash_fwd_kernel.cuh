@@ -2,6 +2,7 @@
 // batch * segment); 4 warps, 16 query rows each; K/V tiles streamed through shared memory with
 // cp.async (double-buffered when it fits); online softmax in registers; P fed to P.V from registers.
 #pragma once
+#include "common/cuda_check.h"
 #include "flash/flash.h"
 #include "flash/flash_common.cuh"
 
@@ -170,9 +171,10 @@ void launch_flash_fwd(const FlashParams& p, cudaStream_t stream) {
   if (grid.x == 0 || grid.z == 0 || p.h_out == 0) return;
   auto kernel = &flash_fwd_kernel<T, D>;
   if (Tr::kSmem > 48 * 1024) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem));
+    ATTNKIT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Tr::kSmem)));
   }
   ATTNKIT_LAUNCH_KERNEL(kernel, grid, Tr::kThreads, Tr::kSmem, stream, p);
+  ATTNKIT_LAUNCH_CHECK();
 }
 
 }  // namespace attnkit::flash

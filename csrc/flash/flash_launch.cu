@@ -2,6 +2,7 @@
 // (delta = rowsum(dO * O) before it, dq_accum -> dq after it).
 #include <c10/util/Exception.h>
 
+#include "common/cuda_check.h"
 #include "common/launch.cuh"
 #include "common/mma.cuh"
 #include "common/static_switch.h"
@@ -70,11 +71,13 @@ void run_bwd(const FlashParams& p, cudaStream_t stream) {
   if (warps > 0) {
     const int64_t blocks = (warps * 32 + 255) / 256;
     ATTNKIT_LAUNCH_KERNEL(flash_bwd_delta_kernel<T>, dim3(unsigned(blocks)), 256, 0, stream, p, rows);
+    ATTNKIT_LAUNCH_CHECK();
   }
   ATTNKIT_HEADDIM_SWITCH(p.head_dim, kD, [&] { run_flash_bwd<T, kD>(p, stream); });
   const int64_t n = int64_t(p.batch) * rows * p.h_q * p.head_dim;
   if (n > 0) {
     ATTNKIT_LAUNCH_KERNEL(flash_bwd_dq_kernel<T>, dim3(unsigned((n + 255) / 256)), 256, 0, stream, p, rows);
+    ATTNKIT_LAUNCH_CHECK();
   }
 }
 

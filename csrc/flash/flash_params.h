@@ -112,9 +112,12 @@ struct FlashParams {
   float* delta;  // rowsum(dout * o), same layout and strides as lse (CUDA workspace)
   float* dq_accum;  // fp32 [B, S*seqlen_q, h_q, D] contiguous, zeroed by the caller
   int64_t dqa_batch_stride, dqa_row_stride, dqa_head_stride;
-  // Deterministic dq: with dq_splits > 0, dq_accum holds dq_splits = ceil(seqlen_k / kBwdBlockN) * q_group
-  // slices (dqa_split_stride apart); key block n of output head h stores into slice
-  // n * q_group + h % q_group without atomics, and the epilogue sums the slices in order.
+  // Deterministic dq: with dq_splits > 0, dq_accum holds dq_splits >= dq_split_key_blocks * q_group
+  // slices (dqa_split_stride apart, see flash_validate.h); key block n of output head h stores the rows
+  // of query block m into slice (n - base(m)) * q_group + h % q_group without atomics, and the epilogue
+  // sums the slices in order. base(m) = 0, except for a causal window without gathers or tile lists
+  // (dq_slices_windowed), where it is the first key block query block m sees: the slice count is then
+  // bounded by the window instead of by seqlen_k.
   // With dq_splits == 0, all blocks add into one slice with fp32 atomics (faster, run-to-run jitter).
   int dq_splits;
   int64_t dqa_split_stride;

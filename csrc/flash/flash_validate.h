@@ -9,6 +9,21 @@
 
 namespace attnkit::flash {
 
+// Deterministic dq (dq_splits > 0): the number of key blocks that can touch one query block. Slices
+// are numbered relative to the query block's first visible key block (dq_slice_base in the backward
+// kernel), so a causal window bounds them by the window, not by seqlen_k: the keys a 64-row query
+// block sees span at most window_left + 64 columns, i.e. floor((window_left + 63) / 64) + 2 blocks.
+// The same condition selects the relative numbering in the kernel; anything else numbers from 0.
+inline bool dq_slices_windowed(const FlashParams& p) {
+  return p.causal && p.window_left >= 0 && !p.q_index && !p.k_index && !p.active_list;
+}
+
+inline int dq_split_key_blocks(const FlashParams& p) {
+  const int64_t all = (int64_t(p.seqlen_k) + 63) / 64;
+  if (!dq_slices_windowed(p)) return static_cast<int>(all);
+  return static_cast<int>(std::min<int64_t>(all, (int64_t(p.window_left) + 63) / 64 + 2));
+}
+
 inline void check_flash_params(const FlashParams& p) {
   TORCH_CHECK(p.h_q > 0 && p.h_kv > 0 && p.h_out == p.h_q * p.q_group && p.h_out == p.h_kv * p.kv_group,
               "flash core: inconsistent head counts");
@@ -25,8 +40,10 @@ inline void check_flash_params(const FlashParams& p) {
               "key/value heads");
   TORCH_CHECK(!p.q_count || (p.q_index && !p.k_index && p.num_segments == 1),
               "flash core: q_count needs q_index, no k_index and one segment");
-  TORCH_CHECK(p.dq_splits == 0 || p.dq_splits == std::max(1, ((p.seqlen_k + 63) / 64) * p.q_group),
-              "flash core: dq_splits must be 0 or max(1, ceil(seqlen_k / 64) * q_group)");
+  // more slices than needed are allowed (they stay zero and add nothing)
+  TORCH_CHECK(p.dq_splits == 0 || p.dq_splits >= std::max(1, dq_split_key_blocks(p) * p.q_group),
+              "flash core: dq_splits must be 0 or at least max(1, dq_split_key_blocks * q_group) = ",
+              std::max(1, dq_split_key_blocks(p) * p.q_group), " (got ", p.dq_splits, ")");
   if (p.dbias) {
     TORCH_CHECK(p.bias, "flash core: dbias needs a bias");
     if (p.bias_row_stride != 0) {

@@ -98,8 +98,11 @@ Problem check_problem(const Backend& be, const at::Tensor& q, const at::Tensor& 
     TORCH_CHECK(pr.B == 1, "q must have batch size 1 when cu_seqlens is given (got ", pr.B, ")");
     pr.N = cu.numel() - 1;
     pr.cu64 = cu.to(at::kLong).contiguous();
-    if (!cu.is_cuda()) {  // values are checked where reading them costs no device sync
-      const int64_t* c = pr.cu64->data_ptr<int64_t>();
+    {
+      // The values are checked on the host before any kernel runs, on every device, with the same
+      // messages: for a CUDA tensor that costs one copy of the N + 1 offsets to the host (a sync).
+      const at::Tensor host = pr.cu64->is_cpu() ? *pr.cu64 : pr.cu64->cpu();
+      const int64_t* c = host.data_ptr<int64_t>();
       TORCH_CHECK(c[0] == 0, "cu_seqlens[0] must be 0, got ", c[0]);
       for (int64_t i = 0; i < pr.N; ++i) {
         TORCH_CHECK(c[i + 1] >= c[i], "cu_seqlens must be non-decreasing (cu_seqlens[", i + 1, "] = ", c[i + 1],
@@ -173,9 +176,8 @@ std::tuple<at::Tensor, at::Tensor> lightning_fwd(const Backend& be, const at::Te
                                                  int64_t num_splits) {
   const Problem pr = check_problem(be, q, k, v, slopes, initial_state, cu_seqlens, block_size, num_splits);
   const auto acc_opts = q.options().dtype(pr.acc);
-  // With cu_seqlens on CUDA the values are not checked on the host: rows outside every sequence stay 0.
-  at::Tensor o = pr.cu64.has_value() && q.is_cuda() ? at::zeros({pr.B, pr.L, pr.H, pr.dv}, q.options())
-                                                    : at::empty({pr.B, pr.L, pr.H, pr.dv}, q.options());
+  // cu_seqlens (checked by check_problem) covers every row: each row of o is written
+  at::Tensor o = at::empty({pr.B, pr.L, pr.H, pr.dv}, q.options());
   at::Tensor final_state = at::empty({pr.N, pr.H, pr.dk, pr.dv}, acc_opts);
   if (pr.N == 0 || pr.H == 0) return {o, final_state};
 

@@ -230,6 +230,7 @@ void run_pass_typed(const PassParams& p) {
   const int64_t nseg = p.num_segments;
   if (nseg > 1) {
     at::parallel_for(0, NH * nseg, 1, [&](int64_t b, int64_t e) {
+      const cpu::SingleThreadBlas single_thread_blas;
       for (int64_t u = b; u < e; ++u) run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), true);
     });
     at::parallel_for(0, NH, 1, [&](int64_t b, int64_t e) {
@@ -237,6 +238,7 @@ void run_pass_typed(const PassParams& p) {
     });
   }
   at::parallel_for(0, NH * nseg, 1, [&](int64_t b, int64_t e) {
+    const cpu::SingleThreadBlas single_thread_blas;
     for (int64_t u = b; u < e; ++u) run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), false);
   });
 }

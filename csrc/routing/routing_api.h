@@ -65,12 +65,21 @@ inline AttnShapes check_attention_inputs(const at::Tensor& q, const at::Tensor& 
   return s;
 }
 
-// Index values must lie in [0, L). Reads the values: CPU only (a device check would synchronise).
-inline void check_index_range_cpu(const at::Tensor& idx, const char* name, int64_t L) {
+// Values of an index tensor must lie in [0, bound) (bound_name: "L" or "C"). Checked on the host
+// before any kernel reads them, on every device, with the same message: on CUDA the min and max are
+// reduced on the device and copied back together (one sync), instead of a device-side assert that
+// would leave the CUDA context unusable.
+inline void check_value_range(const at::Tensor& idx, const char* name, const char* bound_name, int64_t bound) {
   if (idx.numel() == 0) return;
   auto mm = at::aminmax(idx);
-  const int64_t lo = std::get<0>(mm).item<int64_t>(), hi = std::get<1>(mm).item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < L, name, " values must lie in [0, L=", L, ") (got [", lo, ", ", hi, "])");
+  const at::Tensor both = at::stack({std::get<0>(mm), std::get<1>(mm)}).to(at::kLong).cpu();
+  const int64_t lo = both[0].item<int64_t>(), hi = both[1].item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < bound, name, " values must lie in [0, ", bound_name, "=", bound, ") (got [", lo, ", ",
+              hi, "])");
+}
+
+inline void check_index_range(const at::Tensor& idx, const char* name, int64_t L) {
+  check_value_range(idx, name, "L", L);
 }
 
 // The core's parameters for routing: shapes, inputs, masks and (when indexed) the cluster gathers.

@@ -166,21 +166,7 @@ __global__ void key_bias_kernel(const bool* __restrict__ mask, const int* __rest
   }
 }
 
-__global__ void check_index_kernel(const int* __restrict__ idx, int64_t n, int L) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int t = idx[i];
-    CUDA_KERNEL_ASSERT(t >= 0 && t < L && "routing: q_idx / k_idx values must lie in [0, L)");
-  }
-}
-
 }  // namespace
-
-void launch_check_index(const int* idx, int64_t n, int L, cudaStream_t stream) {
-  if (n == 0) return;
-  ATTNKIT_LAUNCH_KERNEL(check_index_kernel, grid_1d(n, kThreads), kThreads, 0, stream, idx, n, L);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
 
 void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, int64_t SW, int L, float* bias,
                      cudaStream_t stream) {

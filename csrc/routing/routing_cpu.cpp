@@ -200,8 +200,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
-    check_index_range_cpu(qi, "q_idx", s.L);
-    check_index_range_cpu(ki, "k_idx", s.L);
+    check_index_range(qi, "q_idx", s.L);
+    check_index_range(ki, "k_idx", s.L);
   }
   Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
   Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
@@ -249,8 +249,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
-    check_index_range_cpu(qi, "q_idx", s.L);
-    check_index_range_cpu(ki, "k_idx", s.L);
+    check_index_range(qi, "q_idx", s.L);
+    check_index_range(ki, "k_idx", s.L);
   }
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     flash::FlashParams p =
@@ -300,11 +300,7 @@ void kmeans_ema_update_cpu(const Tensor& centroids, const Tensor& x, const std::
   if (assign.has_value()) {
     check_assign_tensor(*assign, x, C);
     a = assign->contiguous();
-    if (a.numel() > 0) {
-      auto mm = at::aminmax(a);
-      TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= 0 && std::get<1>(mm).item<int64_t>() < C,
-                  "assign values must lie in [0, C=", C, ")");
-    }
+    check_value_range(a, "assign", "C", C);
   } else {
     a = kmeans_assign_cpu(x, centroids);
   }

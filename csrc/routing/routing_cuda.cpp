@@ -129,13 +129,6 @@ Tensor scatter_atomic(const Tensor& seg, const Tensor& idx, int64_t L, cudaStrea
   return out;
 }
 
-// Index values must lie in [0, L): with L == 0 no value can, else a device-side assert (reading the
-// values back would synchronise). Runs before the core gathers rows with them.
-void check_index_cuda(const Tensor& idx, const char* name, int64_t L, cudaStream_t stream) {
-  if (idx.numel() == 0) return;
-  TORCH_CHECK(L > 0, name, " values must lie in [0, L=0) (the sequence is empty)");
-  launch_check_index(idx.data_ptr<int>(), idx.numel(), static_cast<int>(L), stream);
-}
 
 void check_cuda_attention(const Tensor& q, const Tensor& k, const Tensor& v, const AttnShapes& s) {
   TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
@@ -173,8 +166,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q_in, const Te
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
-    check_index_cuda(qi, "q_idx", s.L, stream);
-    check_index_cuda(ki, "k_idx", s.L, stream);
+    check_index_range(qi, "q_idx", s.L);
+    check_index_range(ki, "k_idx", s.L);
   }
   Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
   Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
@@ -234,8 +227,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
   if (s.indexed) {
     qi = q_idx->contiguous();
     ki = k_idx->contiguous();
-    check_index_cuda(qi, "q_idx", s.L, stream);
-    check_index_cuda(ki, "k_idx", s.L, stream);
+    check_index_range(qi, "q_idx", s.L);
+    check_index_range(ki, "k_idx", s.L);
   }
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     const int64_t rows = dq.size(1);
@@ -336,6 +329,7 @@ void kmeans_ema_update_cuda(const Tensor& centroids, const Tensor& x, const std:
   if (assign.has_value()) {
     check_assign_tensor(*assign, x, C);
     a = assign->contiguous();
+    check_value_range(a, "assign", "C", C);  // before the sums kernel indexes clusters with them
   } else {
     a = kmeans_assign_cuda(x, centroids);
   }

@@ -37,11 +37,6 @@ void launch_cast_from_f32(const float* acc, void* out, int64_t n, ElemType dtype
 void launch_key_bias(const bool* mask, const int* idx, int64_t B, int64_t Hb, int64_t SW, int L, float* bias,
                      cudaStream_t stream);
 
-// Device-side check that every idx[i] (i < n) lies in [0, L): a failing value raises a CUDA device
-// assert (the op cannot read the values back without synchronising). Run before any kernel indexes
-// memory with them (the flash core's gathers, the inverse build, the scatter).
-void launch_check_index(const int* idx, int64_t n, int L, cudaStream_t stream);
-
 void launch_kmeans_sums(const KmeansSumParams& p, cudaStream_t stream);
 // mu[h, c] <- normalize(decay mu + (1 - decay) normalize(sums / count)) where count > 0; mu fp32 [H, C, D].
 void launch_kmeans_finalize(const unsigned long long* sums, const int* counts, float* mu, int H, int C, int D,

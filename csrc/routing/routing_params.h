@@ -68,8 +68,8 @@ struct ScatterParams {
 // ---- online k-means ----
 // Per-cluster sums of the normalised vectors: sums[(h*C + c)*D + d] += round(x_n[d] * 2^32) as int64
 // (fixed point, so the atomics are order independent: deterministic), counts[h*C + c] += 1, for every
-// n with assign[n*H + h] == c. sums and counts zeroed by the caller. assign values outside [0, C) raise a
-// device assert. |sum| <= N * 2^32 must fit int64: N <= 2^30 (checked by the launcher).
+// n with assign[n*H + h] == c. sums and counts zeroed by the caller. assign values must lie in [0, C)
+// (checked by the op before the launch; the kernel skips any other value). |sum| <= N * 2^32 must fit int64: N <= 2^30 (checked by the launcher).
 struct KmeansSumParams {
   const void* x;  // [N, H, D], strides in elements, head dim contiguous
   int64_t x_row_stride, x_head_stride;

@@ -14,12 +14,36 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
+
+// AddressSanitizer's manual poisoning (no-ops in builds without it).
+#if defined(__SANITIZE_ADDRESS__)
+#define EMU_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define EMU_ASAN 1
+#endif
+#endif
+#ifdef EMU_ASAN
+extern "C" void __asan_poison_memory_region(void const volatile*, size_t);
+extern "C" void __asan_unpoison_memory_region(void const volatile*, size_t);
+#define EMU_POISON(p, n) __asan_poison_memory_region((p), (n))
+#define EMU_UNPOISON(p, n) __asan_unpoison_memory_region((p), (n))
+#else
+#define EMU_POISON(p, n) ((void)(p), (void)(n))
+#define EMU_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
 
 // ---- CUDA language / runtime surface ----
 #define __global__
@@ -53,6 +77,52 @@ inline size_t g_last_smem = 0;  // dynamic shared memory of the last launch
 // `extern __shared__` arrays: the test defines the array and points this at it).
 inline char* g_smem_buffer = nullptr;
 inline size_t g_smem_buffer_size = 0;
+
+// Schedules (environment, read once; tests/cuda_emu/sanitize.sh sets them):
+//   EMU_SCHEDULE=warps      the warps of a block run one at a time, in warp order: each runs ahead to
+//                           its next block barrier (or its end) before the next warp starts, so a
+//                           missing __syncthreads lets a warp read shared memory another warp has not
+//                           written yet (0xCD garbage) or has already overwritten;
+//   EMU_SCHEDULE=warps-rev  the same in reverse warp order;
+//   otherwise               every thread runs freely (the OS schedules them).
+//   EMU_BLOCK_ORDER=rev     blocks run from the last to the first (a result that depends on which
+//                           block ran first changes).
+// Global write check: buffers registered with emu::watch() are compared before and after every block;
+// a byte changed by two different blocks of one launch is a cross-block race (atomics must not write
+// to watched buffers). Any finding prints a report and exits the process with status 66.
+enum class Schedule { kFree, kWarps, kWarpsRev };
+inline Schedule schedule_from_env() {
+  const char* e = std::getenv("EMU_SCHEDULE");
+  if (!e) return Schedule::kFree;
+  const std::string s(e);
+  return s == "warps" ? Schedule::kWarps : s == "warps-rev" ? Schedule::kWarpsRev : Schedule::kFree;
+}
+inline Schedule g_schedule = schedule_from_env();
+inline bool g_block_rev = [] {
+  const char* e = std::getenv("EMU_BLOCK_ORDER");
+  return e && std::string(e) == "rev";
+}();
+inline uint64_t g_launch_serial = 0;  // launches so far, for reports
+
+[[noreturn]] inline void finding(const std::string& what) {
+  std::fprintf(stderr, "EMU SANITIZER: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::fflush(stdout);
+  std::_Exit(66);
+}
+
+struct Watched {
+  unsigned char* p;
+  size_t n;
+  std::string name;
+  std::vector<unsigned char> before;
+  std::vector<int64_t> owner;  // per byte: linear index of the block that changed it in this launch, or -1
+};
+inline std::vector<Watched> g_watched;
+inline void watch(void* p, size_t n, std::string name) {
+  if (n) g_watched.push_back({static_cast<unsigned char*>(p), n, std::move(name), {}, {}});
+}
+inline void unwatch_all() { g_watched.clear(); }
 }  // namespace emu
 
 template <class F>
@@ -152,8 +222,59 @@ struct Block {
   std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
   std::vector<std::array<uint64_t, 32 * 8>> xch;  // per warp: 8 exchange slots per lane
-  std::vector<char> smem;
+  // dynamic shared memory: a heap block of exactly the launch's size, so AddressSanitizer reports
+  // any access past it
+  struct Free {
+    void operator()(char* p) const { ::operator delete[](p, std::align_val_t(128)); }
+  };
+  std::unique_ptr<char[], Free> smem;
   char* smem_aligned = nullptr;
+
+  // serialized warps (EMU_SCHEDULE=warps / warps-rev): the warp order[pos] runs; the others wait.
+  bool serial = false;
+  std::mutex m;
+  std::unique_ptr<std::condition_variable[]> cv;  // per warp: only the warp whose turn it is wakes
+  std::vector<int> order, parked, exited;  // parked: lanes at the block barrier or finished
+  size_t pos = 0;
+  uint64_t phase = 0;
+
+  // the next warp that still has lanes to run (all at the barrier: release it)
+  void advance() {
+    const size_t nw = order.size();
+    while (pos < nw && parked[order[pos]] == 32) ++pos;
+    if (pos < nw) return;
+    bool any = false;
+    for (size_t w = 0; w < nw; ++w) {
+      parked[w] = exited[w];
+      any |= exited[w] < 32;
+    }
+    if (!any) return;
+    ++phase;
+    pos = 0;
+    while (pos < nw && parked[order[pos]] == 32) ++pos;
+  }
+  void start(int w) {
+    std::unique_lock<std::mutex> lk(m);
+    cv[w].wait(lk, [&] { return pos < order.size() && order[pos] == w; });
+  }
+  void wake() {
+    if (pos < order.size()) cv[order[pos]].notify_all();
+  }
+  void barrier(int w) {
+    std::unique_lock<std::mutex> lk(m);
+    ++parked[w];
+    const uint64_t ph = phase;
+    advance();
+    wake();
+    cv[w].wait(lk, [&] { return phase != ph && pos < order.size() && order[pos] == w; });
+  }
+  void finish(int w) {
+    std::unique_lock<std::mutex> lk(m);
+    ++parked[w];
+    ++exited[w];
+    advance();
+    wake();
+  }
 };
 
 inline thread_local Idx t_thread{0, 0, 0};
@@ -290,6 +411,28 @@ inline float shfl_xor(float v, int m) {
   return x;
 }
 
+inline void watch_before() {
+  for (auto& w : g_watched) w.before.assign(w.p, w.p + w.n);
+}
+inline void watch_after(int64_t block, const Idx& b) {
+  for (auto& w : g_watched) {
+    for (size_t i = 0; i < w.n; ++i) {
+      if (w.p[i] == w.before[i]) continue;
+      if (w.owner[i] >= 0 && w.owner[i] != block) {
+        const Idx d = g_grid_dim;
+        const int64_t o = w.owner[i];
+        char msg[512];
+        std::snprintf(msg, sizeof msg,
+                      "global race in launch %llu: blocks (%lld,%lld,%lld) and (%u,%u,%u) both wrote byte %zu of %s",
+                      (unsigned long long)g_launch_serial, (long long)(o % d.x), (long long)(o / d.x % d.y),
+                      (long long)(o / (int64_t(d.x) * d.y)), b.x, b.y, b.z, i, w.name.c_str());
+        finding(msg);
+      }
+      w.owner[i] = block;
+    }
+  }
+}
+
 template <class... KArgs, class... Args>
 cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem, Args&&... args) {
   const int nthreads = int(block.x * block.y * block.z);
@@ -297,37 +440,59 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
   g_block_dim = {block.x, block.y, block.z};
   g_grid_dim = {grid.x, grid.y, grid.z};
   g_last_smem = smem;
+  ++g_launch_serial;
   if (nthreads % 32 != 0 || nthreads > 1024) return g_last_error = cudaErrorInvalidValue;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        Block blk;
-        const uint64_t serial = ++g_block_serial;
-        blk.bar = std::make_unique<std::barrier<>>(nthreads);
-        for (int w = 0; w < nwarps; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
-        blk.xch.resize(nwarps);
-        blk.smem.assign(smem + 64, char(0xCD));
-        blk.smem_aligned = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blk.smem.data()) + 63) / 64 * 64);
-        if (g_smem_buffer) {
-          if (smem > g_smem_buffer_size) return g_last_error = cudaErrorInvalidValue;
-          std::memset(g_smem_buffer, 0xCD, g_smem_buffer_size);
-          blk.smem_aligned = g_smem_buffer;
-        }
-        std::vector<std::thread> threads;
-        threads.reserve(nthreads);
-        for (int t = 0; t < nthreads; ++t) {
-          threads.emplace_back([&, t] {
-            t_linear = t;
-            t_thread = {unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y)};
-            t_block = {bx, by, bz};
-            t_blk = &blk;
-            t_block_serial = serial;
-            t_sync_epoch = 0;
-            kernel(args...);
-          });
-        }
-        for (auto& th : threads) th.join();
-      }
+  if (g_smem_buffer && smem > g_smem_buffer_size) return g_last_error = cudaErrorInvalidValue;
+  for (auto& w : g_watched) w.owner.assign(w.n, -1);
+  const int64_t nblocks = int64_t(grid.x) * grid.y * grid.z;
+  for (int64_t s = 0; s < nblocks; ++s) {
+    const int64_t lin = g_block_rev ? nblocks - 1 - s : s;
+    const unsigned bx = unsigned(lin % grid.x), by = unsigned(lin / grid.x % grid.y),
+                   bz = unsigned(lin / (int64_t(grid.x) * grid.y));
+    Block blk;
+    const uint64_t serial = ++g_block_serial;
+    blk.bar = std::make_unique<std::barrier<>>(nthreads);
+    for (int w = 0; w < nwarps; ++w) blk.warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+    blk.xch.resize(nwarps);
+    if (g_smem_buffer) {
+      // the harness's buffer stands for the kernels' `extern __shared__` array: only the launch's
+      // size is addressable
+      EMU_UNPOISON(g_smem_buffer, g_smem_buffer_size);
+      std::memset(g_smem_buffer, 0xCD, g_smem_buffer_size);
+      EMU_POISON(g_smem_buffer + smem, g_smem_buffer_size - smem);
+      blk.smem_aligned = g_smem_buffer;
+    } else {
+      blk.smem.reset(static_cast<char*>(::operator new[](std::max<size_t>(smem, 1), std::align_val_t(128))));
+      std::memset(blk.smem.get(), 0xCD, smem);
+      blk.smem_aligned = blk.smem.get();
+    }
+    if (g_schedule != Schedule::kFree) {
+      blk.serial = true;
+      blk.cv = std::make_unique<std::condition_variable[]>(nwarps);
+      blk.parked.assign(nwarps, 0);
+      blk.exited.assign(nwarps, 0);
+      for (int w = 0; w < nwarps; ++w) blk.order.push_back(g_schedule == Schedule::kWarps ? w : nwarps - 1 - w);
+    }
+    watch_before();
+    std::vector<std::thread> threads;
+    threads.reserve(nthreads);
+    for (int t = 0; t < nthreads; ++t) {
+      threads.emplace_back([&, t] {
+        t_linear = t;
+        t_thread = {unsigned(t) % block.x, (unsigned(t) / block.x) % block.y, unsigned(t) / (block.x * block.y)};
+        t_block = {bx, by, bz};
+        t_blk = &blk;
+        t_block_serial = serial;
+        t_sync_epoch = 0;
+        if (blk.serial) blk.start(t >> 5);
+        kernel(args...);
+        if (blk.serial) blk.finish(t >> 5);
+      });
+    }
+    for (auto& th : threads) th.join();
+    watch_after(lin, Idx{bx, by, bz});
+  }
+  if (g_smem_buffer) EMU_UNPOISON(g_smem_buffer, g_smem_buffer_size);
   return cudaSuccess;
 }
 
@@ -339,7 +504,10 @@ cudaError_t launch(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
 #define gridDim (::emu::g_grid_dim)
 inline void __syncthreads() {
   ++emu::t_sync_epoch;
-  emu::t_blk->bar->arrive_and_wait();
+  if (emu::t_blk->serial)
+    emu::t_blk->barrier(emu::warp());
+  else
+    emu::t_blk->bar->arrive_and_wait();
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }
 inline float __expf(float x) { return std::exp(x); }

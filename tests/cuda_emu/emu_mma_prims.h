@@ -13,7 +13,10 @@
 #include "emu_cuda.h"
 
 namespace emu {
-inline bool g_cp_async_early = false;
+inline bool g_cp_async_early = [] {
+  const char* e = std::getenv("EMU_CP_ASYNC_EARLY");
+  return e && e[0] == '1';
+}();
 struct AsyncCopy {
   void* dst;
   const void* src;  // nullptr: zero fill

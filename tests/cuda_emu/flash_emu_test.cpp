@@ -3,7 +3,7 @@
 // PTX primitives of common/mma.cuh from emu_mma_prims.h), and compares them with the CPU core
 // (flash_cpu.cpp): the oracle is the CPU core in float64 on the same rounded inputs; the emulated
 // kernels must satisfy |emu - ref64| <= 2 |cpu(same dtype) - ref64| + atol (FlashAttention's rule).
-// Build and run: tests/cuda_emu/run_flash.sh [filter]. Exit status 0 when every case passes.
+// Build and run: tests/cuda_emu/run_flash.sh [filter [fp16|bf16]]. Exit status 0 when every case passes.
 #define ATTNKIT_CUDA_EMU 1
 #include "emu_cuda.h"
 #include "emu_mma_prims.h"
@@ -60,10 +60,10 @@ struct Buf {
   std::vector<unsigned char> bytes;
   void alloc(size_t n, int es) {
     esize = es;
-    bytes.assign(n * es + 64, 0);
+    bytes.assign(n * es, 0);  // exactly the tensor: AddressSanitizer sees any access past it
   }
   void* ptr() { return bytes.data(); }
-  size_t n() const { return (bytes.size() - 64) / esize; }
+  size_t n() const { return bytes.size() / esize; }
 };
 
 double get(const Buf& b, size_t i, ElemType t) {
@@ -95,7 +95,8 @@ struct Layout {  // [B, R, H, D] with padded head / row pitch
     rs = H * hs + pad;
     bs = R * rs + pad;
   }
-  size_t size() const { return size_t(std::max(B, 1)) * bs + 8; }
+  // up to the last element, no slack (an access past it is an AddressSanitizer finding)
+  size_t size() const { return B && R && H && D ? at(B - 1, R - 1, H - 1, D - 1) + 1 : 0; }
   size_t at(int b, int r, int h, int d) const { return size_t(b * bs + r * rs + h * hs + d); }
 };
 
@@ -388,7 +389,7 @@ void set_dq_accum(Run& r, const Inputs& in, bool split) {
   const int64_t slice = int64_t(in.c.B) * in.c.S * in.c.Lq * in.c.hq * in.c.D;
   p.dq_splits = split ? std::max(1, ((in.c.Lk + 63) / 64) * in.qg) : 0;
   p.dqa_split_stride = slice;
-  r.dqa.assign(size_t(slice) * std::max(1, p.dq_splits) + 1, 0.f);
+  r.dqa.assign(size_t(slice) * std::max(1, p.dq_splits), 0.f);
   p.dq_accum = r.dqa.data();
   p.dqa_head_stride = in.c.D;
   p.dqa_row_stride = int64_t(in.c.hq) * in.c.D;
@@ -498,7 +499,11 @@ bool run_case(const Case& c, ElemType t) {
   setup(emu, in, t, true);
   flash_fwd_cpu(ref.p);
   flash_fwd_cpu(cpu.p);
+  // every output byte is written by one block (emu_cuda.h reports one written by two)
+  emu::watch(emu.o.ptr(), emu.o.bytes.size(), "o");
+  emu::watch(emu.lse.data(), emu.lse.size() * 4, "lse");
   flash_fwd(emu.p, nullptr);
+  emu::unwatch_all();
   if (c.compact) {
     // rows past a head's count are not written: compare copies with those rows zeroed
     Buf eo = emu.o, ro = ref.o, co = cpu.o;
@@ -531,7 +536,14 @@ bool run_case(const Case& c, ElemType t) {
     std::fill(emu.dq.bytes.begin(), emu.dq.bytes.end(), 0xEE);
     std::fill(emu.dk.bytes.begin(), emu.dk.bytes.end(), 0xEE);
     std::fill(emu.dv.bytes.begin(), emu.dv.bytes.end(), 0xEE);
+    emu::watch(emu.dq.ptr(), emu.dq.bytes.size(), "dq");
+    emu::watch(emu.dk.ptr(), emu.dk.bytes.size(), "dk");
+    emu::watch(emu.dv.ptr(), emu.dv.bytes.size(), "dv");
+    emu::watch(emu.delta.data(), emu.delta.size() * 4, "delta");
+    if (split) emu::watch(emu.dqa.data(), emu.dqa.size() * 4, "dq slices");  // fp32 atomics otherwise
+    if (c.dbias) emu::watch(emu.dbias.data(), emu.dbias.size() * 4, "dbias");
     flash_bwd(emu.p, nullptr);
+    emu::unwatch_all();
     const std::string n = cname + (split ? " [split dq]" : " [atomic dq]");
     if (c.compact) {
       Buf edq = emu.dq, rdq = ref.dq, cdq = cpu.dq;
@@ -642,6 +654,16 @@ std::vector<Case> cases() {
     c.N = 70;
     add(c);
   }
+  {  // the smallest shape that refills the forward's K/V stages (three key blocks) and the backward's
+     // Q / dO tiles (two query blocks): sanitize.sh's quick set
+    Case c{"d32 Lq80 Lk150", 1, 1, 80, 150, 1, 1, 32};
+    add(c);
+  }
+  {  // three key blocks: the forward's K/V stages are refilled while other warps may still read them
+    Case c{"d32 gqa causal B2 L150", 2, 1, 150, 150, 2, 1, 32};
+    c.causal = true;
+    add(c);
+  }
   {
     // Mixture-of-Head: lists of up to Lq of N = Lk tokens per head, GQA, several blocks per list
     Case c{"d64 compact gqa causal", 2, 1, 150, 200, 4, 2, 64};
@@ -679,10 +701,12 @@ int main(int argc, char** argv) {
   emu::g_smem_buffer_size = kEmuSmemBytes;
   if (const char* e = std::getenv("EMU_CP_ASYNC_EARLY")) emu::g_cp_async_early = e[0] == '1';
   const std::string filter = argc > 1 ? argv[1] : "";
+  const std::string dtypes = argc > 2 ? argv[2] : "fp16,bf16";  // e.g. "bf16": that dtype only
   int n = 0;
   for (const Case& c : cases()) {
     if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
     for (ElemType t : {ElemType::kFloat16, ElemType::kBFloat16}) {
+      if (dtypes.find(t == ElemType::kFloat16 ? "fp16" : "bf16") == std::string::npos) continue;
       run_case(c, t);
       ++n;
     }

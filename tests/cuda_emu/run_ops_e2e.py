@@ -28,9 +28,12 @@ from conftest import assert_close_fa  # noqa: E402
 import attnkit  # noqa: E402,F401
 from attnkit import reference  # noqa: E402
 
+# EMU_SANITIZE=1 (tests/cuda_emu/sanitize.sh): AddressSanitizer + UBSan build, run with libasan preloaded
+sanitize = os.environ.get("EMU_SANITIZE") == "1"
+san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
 t0 = time.time()
 load(
-    name="attnkit_ops_emu",
+    name="attnkit_ops_emu_san" if sanitize else "attnkit_ops_emu",
     sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
                                      "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp",
                                      "emu_ops_dma_select.cpp", "emu_ops_moh.cpp")]
@@ -38,8 +41,8 @@ load(
                                "csrc/moh/moh_api.cpp")],
     # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
     extra_include_paths=[str(here / "ops_include"), str(here / "cuda_include"), str(here), str(root / "csrc")],
-    extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"],
-    extra_ldflags=["-pthread"],
+    extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"] + (san_flags if sanitize else []),
+    extra_ldflags=["-pthread"] + (san_flags if sanitize else []),
     build_directory=os.environ.get("EMU_BUILD_DIR") or None,
     verbose=bool(os.environ.get("EMU_VERBOSE")),
     is_python_module=False,
@@ -56,8 +59,14 @@ def close(name, a, r, e, dtype):
     assert_close_fa(a, r, e, atol, name)
 
 
+# EMU_CASES: only the cases whose label contains one of these '|'-separated substrings
+cases = [c for c in os.environ.get("EMU_CASES", "").split("|") if c]
+
+
 def run(label, fn, *args):
     global failed
+    if cases and not any(c in label for c in cases):
+        return
     t = time.time()
     try:
         fn(*args)

@@ -19,7 +19,17 @@ import torch
 from .cases import DTYPE_NAMES, Case, Impl, memory_budget
 from .timing import L2Flusher, TimingPolicy, measure, peak_memory_bytes
 
-# (max |err| / max |ref|, rms err / rms ref) for outputs and for gradients, by input dtype
+# (max |err| / max |ref|, rms err / rms ref) for outputs and for gradients, by input dtype.
+# Why relative to max |ref| and not FlashAttention's rule (err <= 2 * eager err + atol, used by the
+# tests): the gate runs on benchmark-sized inputs and compares two implementations at the same low
+# precision (the reference is the first baseline that runs, e.g. torch SDPA in bf16), with no float64
+# oracle and no eager error to measure against, so the bound must cover the rounding of both. In
+# bf16 (unit roundoff 2^-8) each backward rounds P and dS to bf16 before the products, and every
+# gradient element sums Lq or Lk such terms: the absolute error of an element grows with the
+# magnitude of the terms summed, not with the (often much smaller, cancelling) value of the element,
+# which is why it is normalised by max |ref| of the whole tensor. The bf16 gradient bound (12% of
+# max |ref|, 3% in rms) has not been re-measured on a GPU since; tighten it from the gate_detail of
+# the first GPU run (it records the observed ratios) rather than by guesswork.
 TOLERANCES = {
     torch.float32: {"out": (2e-3, 2e-4), "grad": (5e-3, 5e-4)},
     torch.float16: {"out": (2e-2, 3e-3), "grad": (5e-2, 1e-2)},

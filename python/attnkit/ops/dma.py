@@ -61,7 +61,8 @@ def dynamic_mask_select(bias, *, keep, lq, causal):
     return DynamicMask(*torch.ops.attnkit.dma_select(bias.detach(), keep, lq, causal))
 
 
-def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, return_lse=False, _tile_skip=True):
+def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, return_lse=False, deterministic=False,
+                           _tile_skip=True):
     """Dynamic Mask Attention (trainable top-``keep`` sparse attention), fused mask selection + flash core.
 
     Args:
@@ -73,6 +74,10 @@ def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, retu
         causal: bottom-right aligned causal masking (key j visible to row i iff j <= i + Lk - Lq).
         scale: softmax scale, default ``1/sqrt(D)``.
         return_lse: also return the log-sum-exp ``[B, max(H, Hkv), Lq]`` (float32, not differentiable).
+        deterministic: CUDA backward with a bitwise repeatable dq (as flash-attn's flag): every key
+            block writes its dq contribution into its own fp32 slice and the slices are summed in a
+            fixed order, at the cost of ``ceil(Lk / 64) * max(1, Hkv / H)`` fp32 copies of dq. False
+            adds them with fp32 atomics (run-to-run bit differences). The CPU path always is.
 
     Row ``i`` keeps its visible keys if there are at most ``keep`` of them, else the ``keep`` visible
     keys with the largest bias, ties going to the lower key index. Scores are
@@ -94,12 +99,14 @@ def dynamic_mask_attention(q, k, v, bias, *, keep, causal=True, scale=None, retu
     _check_keep(keep)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool (got {type(causal).__name__})")
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool (got {type(deterministic).__name__})")
     scale = check_scale(scale, 1.0 / math.sqrt(q.shape[3]))
     sel = torch.ops.attnkit.dma_select(bias.detach(), keep, q.shape[1], causal)
     thr, tie, fl, fc, bl, bc = sel
     if not _tile_skip:
         fl = fc = bl = bc = None
-    out, lse = torch.ops.attnkit.dma_fwd(q, k, v, bias, thr, tie, fl, fc, bl, bc, causal, scale)
+    out, lse = torch.ops.attnkit.dma_fwd(q, k, v, bias, thr, tie, fl, fc, bl, bc, causal, scale, deterministic)
     return (out, lse) if return_lse else out
 
 
@@ -180,14 +187,16 @@ def _dma_out_fake(q, k):
 @torch.library.register_fake("attnkit::dma_fwd")
 
 
-def _dma_fwd_fake(q, k, v, bias, thr, tie, fwd_list, fwd_count, bwd_list, bwd_count, causal, scale):
+def _dma_fwd_fake(q, k, v, bias, thr, tie, fwd_list, fwd_count, bwd_list, bwd_count, causal, scale,
+                  deterministic=False):
     return _dma_out_fake(q, k)
 
 
 @torch.library.register_fake("attnkit::dma_bwd")
 
 
-def _dma_bwd_fake(dout, q, k, v, bias, out, lse, thr, tie, bwd_list, bwd_count, causal, scale):
+def _dma_bwd_fake(dout, q, k, v, bias, out, lse, thr, tie, bwd_list, bwd_count, causal, scale,
+                  deterministic=False):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), bias.new_empty(bias.shape)
 
 
@@ -213,20 +222,21 @@ def _masked_bias_bwd_fake(dout, q, k, v, attn_mask, attn_bias, out, lse, causal,
 
 
 def _dma_setup_context(ctx, inputs, output):
-    q, k, v, bias, thr, tie, _fl, _fc, bl, bc, causal, scale = inputs
+    q, k, v, bias, thr, tie, _fl, _fc, bl, bc, causal, scale = inputs[:12]
     out, lse = output
     ctx.save_for_backward(q, k, v, bias, out, lse, thr, tie, bl, bc)
     ctx.causal = causal
     ctx.scale = scale
+    ctx.deterministic = inputs[12] if len(inputs) > 12 else False
     ctx.mark_non_differentiable(lse)
 
 
 def _dma_backward(ctx, dout, _dlse):
     q, k, v, bias, out, lse, thr, tie, bl, bc = ctx.saved_tensors
     dq, dk, dv, dbias = torch.ops.attnkit.dma_bwd(
-        dout.contiguous(), q, k, v, bias, out, lse, thr, tie, bl, bc, ctx.causal, ctx.scale
+        dout.contiguous(), q, k, v, bias, out, lse, thr, tie, bl, bc, ctx.causal, ctx.scale, ctx.deterministic
     )
-    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dbias, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("attnkit::dma_fwd", _dma_backward, setup_context=_dma_setup_context)

@@ -101,8 +101,10 @@ def _cu_seqlens(cu_seqlens, q):
         raise ValueError(f"cu_seqlens must be on the device of q ({q.device}), got {cu_seqlens.device}")
     if q.shape[0] != 1:
         raise ValueError(f"q must have batch size 1 when cu_seqlens is given, got {q.shape[0]}")
-    # Values are checked where that needs no device sync (the CUDA kernels clamp them instead).
-    if cu_seqlens.device.type == "cpu" and not torch.compiler.is_compiling():
+    # The values are checked before any kernel runs, on every device (a CUDA tensor costs one copy of
+    # the N + 1 offsets to the host, a sync). Under torch.compile the op checks them itself, with the
+    # same messages, as a RuntimeError.
+    if not torch.compiler.is_compiling():
         c = cu_seqlens.tolist()
         if c[0] != 0:
             raise ValueError(f"cu_seqlens[0] must be 0, got {c[0]}")

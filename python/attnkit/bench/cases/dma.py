@@ -96,6 +96,9 @@ def dma_cases(cfg: SuiteConfig) -> list[Case]:
         for mode in cfg.modes:
             out.append(dma_case(B=B, L=L, H=H, Hkv=Hkv, D=D, keep=keep, causal=True, dtype=cfg.dtype,
                                 device=cfg.device, mode=mode, cfg=cfg))
+    if not cfg.gpu and not cfg.quick and not cfg.seqlens:  # the CPU target: L=2048, keep=256 vs dense SDPA
+        out += [dma_case(B=cfg.batch or 1, L=2048, H=H, Hkv=Hkv, D=D, keep=256, causal=True, dtype=cfg.dtype,
+                         device=cfg.device, mode=mode, cfg=cfg) for mode in cfg.modes]
     return out
 
 

@@ -85,8 +85,12 @@ def lightning_cases(cfg: SuiteConfig) -> list[Case]:
     B = cfg.batch or (4 if cfg.gpu else 1)
     Ls = seqlens(cfg, gpu=[2048, 4096, 8192, 16384, 32768, 65536], cpu=[256, 1024],
                  gpu_quick=[2048, 8192], cpu_quick=[128, 256])
-    return [lightning_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
-            for L in Ls for m in cfg.modes]
+    out = [lightning_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
+           for L in Ls for m in cfg.modes]
+    if not cfg.gpu and not cfg.quick and not cfg.seqlens:  # the CPU target: L=4096, H=8 vs torch-eager
+        out += [lightning_case(B=B, L=4096, H=cfg.heads or 8, D=D, dtype=cfg.dtype, device=cfg.device, mode=m,
+                               cfg=cfg) for m in cfg.modes]
+    return out
 
 
 def lightning_perf_cases(device: str = "cuda", dtype=torch.bfloat16) -> list[Case]:

@@ -127,7 +127,8 @@ def routing_cases(cfg: SuiteConfig) -> list[Case]:
     H = cfg.heads or (8 if cfg.gpu else 4)
     D = cfg.head_dim or 64
     B = cfg.batch or 1
-    Ls = seqlens(cfg, gpu=[4096, 16384, 65536], cpu=[256, 1024], gpu_quick=[4096, 16384], cpu_quick=[128, 256])
+    Ls = seqlens(cfg, gpu=[4096, 16384, 65536], cpu=[256, 1024, 2048], gpu_quick=[4096, 16384],
+                 cpu_quick=[128, 256])
     return [routing_case(B=B, L=L, H=H, D=D, dtype=cfg.dtype, device=cfg.device, mode=m, cfg=cfg)
             for L in Ls for m in cfg.modes]
 

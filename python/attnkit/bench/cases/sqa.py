@@ -121,7 +121,7 @@ def sqa_cases(cfg: SuiteConfig) -> list[Case]:
     H = cfg.heads or (16 if cfg.gpu else 8)
     D = cfg.head_dim or (128 if cfg.gpu else 64)
     tokens = 32768 if cfg.gpu else 1  # GPU: B*L = 32k tokens; CPU: B = 1
-    Ls = seqlens(cfg, gpu=[1024, 4096, 16384, 32768, 65536], cpu=[256, 1024],
+    Ls = seqlens(cfg, gpu=[1024, 4096, 16384, 32768, 65536], cpu=[256, 1024, 2048],
                  gpu_quick=[1024, 4096], cpu_quick=[128, 256])
     variants = ["mha", "sqa", "xsqa"] if cfg.gpu and not cfg.quick else ["mha", "xsqa"]
     out = []
