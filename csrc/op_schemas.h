@@ -109,6 +109,22 @@ ATTNKIT_OP(
     " Tensor out, Tensor lse, bool causal, float scale, bool need_dbias)"
     " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
 
+// ---- Mixture-of-Head attention (flash core with compact query gathers + csrc/moh/ kernels) ----
+// q [B, L, Hq, D], k/v [B, L, Hkv, D] (Hkv divides Hq); head_idx [B, L, K] int32/int64 (-1: empty
+// slot; distinct per token); head_weight [B, L, K] fp32 or q's dtype. out [B, L, Hq, D]: row (t, h)
+// = w * softmax(q_th K_h^T scale) V_h when token t selected h with weight w, else 0; lse [B, Hq, L]
+// fp32 (-inf where not selected). Slot-space residuals for the backward: out_slot [B, L, Hq, D]
+// (unweighted head outputs, row i of head h = the i-th token selecting h; 0 past the count),
+// lse_slot [B, Hq, L] (-inf past the count), q_index [B, Hq, L] (-1 past the count) and q_count
+// [B, Hq] int32 (the lists), slot [B, L, K] int32 (-1 for empty slots).
+ATTNKIT_OP(
+    "moh_fwd(Tensor q, Tensor k, Tensor v, Tensor head_idx, Tensor head_weight, bool causal, float scale)"
+    " -> (Tensor out, Tensor lse, Tensor out_slot, Tensor lse_slot, Tensor q_index, Tensor q_count, Tensor slot)")
+ATTNKIT_OP(
+    "moh_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor head_idx, Tensor head_weight, Tensor out_slot,"
+    " Tensor lse_slot, Tensor q_index, Tensor q_count, Tensor slot, bool causal, float scale)"
+    " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dweight)")
+
 // ---- Lightning attention (own kernels: csrc/lightning/) ----
 // q, k [B, L, H, Dk], v [B, L, H, Dv]; slopes [H]; states [N, H, Dk, Dv] (N = B, or the number of
 // sequences of cu_seqlens with B = 1). State, slopes and accumulation are fp32 (fp64 for fp64 inputs,

@@ -209,6 +209,23 @@ void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k) {
   p.seqused_k = seqused_k.data_ptr<int>();
 }
 
+void set_compact_rows(FlashParams& p, const at::Tensor& q_index, const at::Tensor& q_count) {
+  TORCH_CHECK(q_index.dim() == 4 && q_index.scalar_type() == at::kInt && q_index.size(2) == 1,
+              "flash core: compact q_index must be int32 [B, H, 1, w]");
+  TORCH_CHECK(q_index.size(0) == p.batch && q_index.size(1) == p.h_out, "flash core: q_index must be [B, h_out, 1, w]");
+  TORCH_CHECK(q_index.size(3) <= 1 || q_index.stride(3) == 1, "flash core: q_index must be contiguous in w");
+  TORCH_CHECK(q_count.scalar_type() == at::kInt && q_count.dim() == 2 && q_count.size(0) == p.batch &&
+                  q_count.size(1) == p.h_out && q_count.is_contiguous(),
+              "flash core: q_count must be contiguous int32 [B, h_out]");
+  p.num_segments = 1;
+  p.seqlen_q = static_cast<int>(q_index.size(3));
+  p.q_index = q_index.data_ptr<int>();
+  p.q_index_batch_stride = q_index.stride(0);
+  p.q_index_head_stride = q_index.stride(1);
+  p.k_index = nullptr;
+  p.q_count = q_count.data_ptr<int>();
+}
+
 at::Tensor cuda_aligned(const at::Tensor& t) {
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; ok && d + 1 < t.dim(); ++d) ok = t.size(d) <= 1 || t.stride(d) % 8 == 0;

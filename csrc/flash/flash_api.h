@@ -64,6 +64,10 @@ void set_varlen(FlashParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor
                 int64_t max_seqlen_k);
 // KV cache: batch b uses its first seqused_k[b] keys (int32 [batch] on the kernels' device).
 void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k);
+// Compact query gathers (see FlashParams::q_count): q_index [B, h_out, 1, w] int32 (each list
+// ascending in its valid part), q_count [B, h_out] int32 contiguous, no key gather. Sets
+// seqlen_q = w; keys stay [B, Lk, h_kv, D].
+void set_compact_rows(FlashParams& p, const at::Tensor& q_index, const at::Tensor& q_count);
 
 // The CUDA kernels copy 16-byte chunks: the data pointer must be 16-byte aligned and every stride but
 // the last a multiple of 8 elements. Returns t itself when it is, else a contiguous aligned copy.

@@ -115,15 +115,15 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
         const int base = windowed_slices ? max(0, floor_div(m0 + mctx.shift - p.window_left, BN)) : 0;
         dqa_m += int64_t(n_block - base) * p.q_group * p.dqa_split_stride;
       }
-      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.lq, m0, p.head_dim);
+      load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.rows_q, m0, p.head_dim);
       // dout lives in segment space: contiguous rows, no gather
       load_tile<T, BM, D, LD, NTH>(sdO, dob + int64_t(c.seg) * p.seqlen_q * p.do_row_stride, p.do_row_stride,
-                                   nullptr, 0, c.lq, m0, p.head_dim);
+                                   nullptr, 0, c.rows_q, m0, p.head_dim);
       cp_async_commit();
       if (threadIdx.x < BM) {
         const int i = m0 + threadIdx.x;
         float l = INFINITY, d = 0.f;
-        if (i < c.lq) {
+        if (i < c.rows_q) {
           const float lv = lse_b[i];
           l = lv == -INFINITY ? INFINITY : lv * kLog2e;
           d = delta_b[i];
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(BwdTraits<T, D>::kThreads) flash_bwd_kernel(co
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
           const int row = m0 + wr * 16 + (lane >> 2) + 8 * k;
-          if (row < c.lq) {
+          if (row < c.rows_q) {
             float* dst = dqa_m + (int64_t(c.seg) * p.seqlen_q + row) * p.dqa_row_stride + wc * DH + 2 * (lane & 3);
             // dq_accum has the tensor's head dim: columns of the padding (>= head_dim) are skipped
             if (p.dq_splits > 0) {  // this block owns the slice: one store per element

@@ -25,6 +25,7 @@ struct BlockCoord {
   // lengths, see FlashParams::cu_seqlens_q); seqlen_q, seqlen_k and 0 otherwise
   int lq, lk;
   int64_t q_off, k_off;
+  int rows_q;  // valid query rows: the compact row count of (b, h) when q_count is set, else lq
   // gather index rows of this (b, h, seg); nullptr without gathers
   const int* q_rows;
   const int* k_rows;
@@ -55,6 +56,7 @@ __device__ __forceinline__ BlockCoord make_coord(const FlashParams& p, int bz, i
   c.k_rows = p.k_index ? p.k_index + c.b * p.k_index_batch_stride + c.h * p.k_index_head_stride +
                              int64_t(c.seg) * p.seqlen_k
                        : nullptr;
+  c.rows_q = p.q_count ? min(c.lq, p.q_count[int64_t(c.b) * p.h_out + c.h]) : c.lq;
   return c;
 }
 
@@ -103,6 +105,8 @@ struct MaskCtx {
   bool index;              // gathers present: positions come from the indices
   int shift;               // lk - lq without gathers, else 0
   int lq, lk;              // the block's query / key counts (BlockCoord)
+  const int* compact_rows;  // q_rows of compact gathers (ascending positions), else nullptr
+  int rows_q;               // valid query rows (BlockCoord::rows_q)
 };
 
 __device__ __forceinline__ MaskCtx make_mask_ctx(const FlashParams& p, const BlockCoord& c) {
@@ -115,6 +119,8 @@ __device__ __forceinline__ MaskCtx make_mask_ctx(const FlashParams& p, const Blo
   m.lq = c.lq;
   m.lk = c.lk;
   m.shift = m.index ? 0 : c.lk - c.lq;
+  m.compact_rows = p.q_count ? c.q_rows : nullptr;
+  m.rows_q = c.rows_q;
   return m;
 }
 
@@ -135,8 +141,9 @@ __device__ __forceinline__ void fill_rows(RowMask& r, const MaskCtx& m, const Bl
 #pragma unroll
   for (int k = 0; k < 2; ++k) {
     const int i = row0_local + (lane >> 2) + 8 * k;
-    const bool valid = i < m.lq;
-    r.row[k] = i;
+    const bool valid = i < m.rows_q;
+    // a row past the compact count reads as a row past the end: scores_log2 masks all its columns
+    r.row[k] = valid ? i : m.lq;
     r.pos[k] = valid ? (c.q_rows ? c.q_rows[i] : i + m.shift) : 0;
     if (p.row_thr && valid) {
       const int64_t o = c.b * p.thr_batch_stride + c.hk * p.thr_head_stride + i;
@@ -154,9 +161,21 @@ __device__ __forceinline__ void fill_rows(RowMask& r, const MaskCtx& m, const Bl
 template <int BM, int BN>
 __device__ __forceinline__ bool tile_needs_mask(const MaskCtx& m, int m0, int n_block) {
   const FlashParams& p = *m.p;
-  if (m.index || p.bias || p.row_thr || p.self_mask) return true;
+  if (p.bias || p.row_thr || p.self_mask) return true;
   const int n0 = n_block * BN;
   if (n0 + BN > m.lk) return true;
+  if (m.compact_rows) {
+    // positions ascend: the block's first row sees the fewest keys, its last valid row the most.
+    // Rows past the count see no mask here: their q (and dO) rows are zero-filled and nothing of
+    // theirs is stored (forward), or their lse is +inf so P = dS = 0 (backward).
+    if (m0 >= m.rows_q) return true;
+    const int last = min(m0 + BM, m.rows_q) - 1;
+    if (p.causal && n0 + BN - 1 > m.compact_rows[m0]) return true;
+    if (p.window_left >= 0 && n0 < m.compact_rows[last] - p.window_left) return true;
+    if (p.window_right >= 0) return true;
+    return false;
+  }
+  if (m.index) return true;
   if (p.causal && n0 + BN - 1 > m0 + m.shift) return true;
   if (p.window_left >= 0 && n0 < m0 + BM - 1 + m.shift - p.window_left) return true;
   if (p.window_right >= 0 && n0 + BN - 1 > m0 + m.shift + p.window_right) return true;
@@ -245,7 +264,15 @@ __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const Mask
   it.list = nullptr;
   it.begin = 0;
   it.end = ceil_div(m.lk, BN);
-  if (!m.index) {
+  if (m.compact_rows) {
+    if (m_block * BM >= m.rows_q) {
+      it.end = 0;
+    } else {
+      const int last = min(m_block * BM + BM, m.rows_q) - 1;
+      if (p.causal) it.end = min(it.end, m.compact_rows[last] / BN + 1);
+      if (p.window_left >= 0) it.begin = max(0, floor_div(m.compact_rows[m_block * BM] - p.window_left, BN));
+    }
+  } else if (!m.index) {
     if (p.causal) {
       const int last_col = m_block * BM + BM - 1 + m.shift;  // last column any row of the block sees
       it.end = last_col < 0 ? 0 : min(it.end, last_col / BN + 1);
@@ -272,7 +299,28 @@ __device__ __forceinline__ BlockIter bwd_blocks(const FlashParams& p, const Mask
   it.list = nullptr;
   it.begin = 0;
   it.end = ceil_div(m.lq, BM);
-  if (!m.index) {
+  if (m.compact_rows) {
+    it.end = ceil_div(m.rows_q, BM);
+    if (p.causal) {
+      // first valid row whose position reaches the block's first key (binary search, positions ascend)
+      int lo = 0, hi = m.rows_q;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (m.compact_rows[mid] < n_block * BN) lo = mid + 1; else hi = mid;
+      }
+      it.begin = lo / BM;
+    }
+    if (p.window_left >= 0) {
+      // last valid row whose position is at most the block's last key + window
+      const int lim = n_block * BN + BN - 1 + p.window_left;
+      int lo = 0, hi = m.rows_q;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (m.compact_rows[mid] <= lim) lo = mid + 1; else hi = mid;
+      }
+      it.end = min(it.end, ceil_div(lo, BM));
+    }
+  } else if (!m.index) {
     if (p.causal) {
       const int first_row = n_block * BN - m.shift;  // first row that sees the block's first column
       it.begin = max(0, floor_div(first_row, BM));

@@ -279,6 +279,8 @@ struct HeadCtx {
   int b, s, h, hq, hkv;
   int64_t row0, col0;  // segment-space offsets: s * seqlen_q, s * seqlen_k
   int64_t shift;       // bottom-right alignment of the causal / window masks
+  int64_t rows;        // valid query rows: q_count of (b, h) with compact gathers, else seqlen_q
+  bool compact;        // compact query gathers: ascending positions, keys not gathered
   const T* q;          // batch and query head applied
   const T* k;
   const T* v;
@@ -307,6 +309,9 @@ struct HeadCtx {
                        : nullptr;
     thr = params.row_thr ? params.row_thr + b * params.thr_batch_stride + hkv * params.thr_head_stride : nullptr;
     tie = params.row_tie ? params.row_tie + b * params.thr_batch_stride + hkv * params.thr_head_stride : nullptr;
+    compact = params.q_count != nullptr;
+    rows = compact ? std::min<int64_t>(params.seqlen_q, params.q_count[int64_t(b) * params.h_out + h])
+                   : int64_t(params.seqlen_q);
   }
 
   int64_t qrow(int64_t i) const { return qidx ? int64_t(qidx[i]) : row0 + i; }
@@ -318,6 +323,9 @@ struct HeadCtx {
   void key_range(int64_t i0, int64_t i1, int64_t& lo, int64_t& hi) const {
     lo = 0;
     hi = p->seqlen_k;
+    // compact gathers ascend: the block's last row has the largest position
+    if (compact && p->causal && i1 > i0) hi = std::min<int64_t>(hi, qpos(i1 - 1) + 1);
+    if (compact && p->window_left >= 0 && i1 > i0) lo = std::max<int64_t>(lo, qpos(i0) - p->window_left);
     if (qidx || kidx) return;
     if (p->causal) hi = std::min<int64_t>(hi, i1 - 1 + shift + 1);
     if (p->window_left >= 0) lo = std::max<int64_t>(lo, i0 + shift - p->window_left);
@@ -405,10 +413,13 @@ void finish_scores(const HeadCtx<T>& ctx, int64_t i0, int m, const KeyTile& tile
   const int64_t j0 = tile.j0;
   // Without gathers, positions are i and j: the tile needs no causal check when its last key is
   // visible to its first row, and no window check when its first key is visible to its last row.
-  const bool clean = !tile.cols && !indexed && !ctx.thr && !p.self_mask &&
-                     (!check_causal || j0 + n - 1 <= i0 + ctx.shift) &&
-                     (!check_window || j0 >= i0 + m - 1 + ctx.shift - p.window_left) &&
-                     (!check_right || j0 + n - 1 <= i0 + ctx.shift + p.window_right);
+  // Compact gathers ascend: the same holds with the positions of the first and last rows.
+  const int64_t first_pos = ctx.compact ? ctx.qpos(i0) : i0 + ctx.shift;
+  const int64_t last_pos = ctx.compact ? ctx.qpos(i0 + m - 1) : i0 + m - 1 + ctx.shift;
+  const bool clean = !tile.cols && (!indexed || ctx.compact) && !ctx.thr && !p.self_mask &&
+                     (!check_causal || j0 + n - 1 <= first_pos) &&
+                     (!check_window || j0 >= last_pos - p.window_left) &&
+                     (!check_right || j0 + n - 1 <= first_pos + p.window_right);
   if (clean) {
     for (int r = 0; r < m; ++r) {
       A* srow = S + int64_t(r) * kBlockN;
@@ -509,7 +520,8 @@ void fwd_impl(const FlashParams& p) {
         const int64_t bs = t / (nblk * p.h_out);
         const HeadCtx<T> ctx(p, int(bs / p.num_segments), int(bs % p.num_segments), h);
         const int64_t i0 = blk * kBlockM;
-        const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
+        const int m = int(std::min<int64_t>(kBlockM, ctx.rows - i0));
+        if (m <= 0) return;  // past the compact row count of this head
 
         const A* Qp = w.Q.data();
         int64_t ldq = D;
@@ -661,9 +673,10 @@ void bwd_impl(const FlashParams& p) {
         A* dP = w.dP.data();
         A* dS = w.dS.data();
 
-        for (int64_t blk = 0; blk < nblk; ++blk) {
+        const int64_t nblk_h = ctx.compact ? ceil_div(ctx.rows, kBlockM) : nblk;
+        for (int64_t blk = 0; blk < nblk_h; ++blk) {
           const int64_t i0 = blk * kBlockM;
-          const int m = int(std::min<int64_t>(kBlockM, p.seqlen_q - i0));
+          const int m = int(std::min<int64_t>(kBlockM, ctx.rows - i0));
           const A* Qp = w.Q.data();
           int64_t ldq = D;
           if (kInPlace && !ctx.qidx) {

@@ -42,8 +42,9 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
   const int m0 = m_block * BM;
-
-  if (m0 >= c.lq) return;  // per-batch lengths: the grid covers the longest sequence
+  // past this batch's length (the grid covers the longest sequence) or past the compact row count of
+  // this head (rows_q <= lq): nothing to compute or store
+  if (m0 >= c.rows_q) return;
 
   const T* qb = static_cast<const T*>(p.q) + c.b * p.q_batch_stride + c.q_off * p.q_row_stride + c.hq * p.q_head_stride;
   const T* kb = static_cast<const T*>(p.k) + c.b * p.k_batch_stride + c.k_off * p.k_row_stride + c.hk * p.k_head_stride;
@@ -59,7 +60,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
     fill_cols<BN>(sCols[stage], mctx, c, nb);
   };
 
-  load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.lq, m0, p.head_dim);
+  load_tile<T, BM, D, LD, NTH>(sQ, qb, p.q_row_stride, c.q_rows, c.seg, c.rows_q, m0, p.head_dim);
   if (n_iter > 0) load_kv(0, 0);
   cp_async_commit();
 
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
       *reinterpret_cast<uint32_t*>(sO + r * LD + j * 8 + 2 * (lane & 3)) = packed;
     }
     const int row = m0 + warp * 16 + r;
-    if ((lane & 3) == 0 && row < c.lq) {
+    if ((lane & 3) == 0 && row < c.rows_q) {
       const float lse = l > 0.f ? (row_max[k] + log2f(l)) * kLn2 : -INFINITY;
       p.lse[c.b * p.lse_batch_stride + c.h * p.lse_head_stride + int64_t(c.seg) * p.seqlen_q + c.q_off + row] = lse;
     }
@@ -158,7 +159,7 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
     const int r = ch / kChunks;
     const int col = (ch % kChunks) * 8;
     const int row = m0 + warp * 16 + r;
-    if (row < c.lq && col < p.head_dim) {  // padded head-dim columns are not stored
+    if (row < c.rows_q && col < p.head_dim) {  // padded head-dim columns are not stored
       const int64_t orow = int64_t(c.seg) * p.seqlen_q + row;
       *reinterpret_cast<uint4*>(ob + orow * p.o_row_stride + col) = *reinterpret_cast<const uint4*>(sO + r * LD + col);
     }

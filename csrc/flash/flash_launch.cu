@@ -38,6 +38,7 @@ __global__ void flash_bwd_delta_kernel(const FlashParams p, int64_t rows_per_hea
   const int64_t row = wid % rows_per_head;
   const int h = int((wid / rows_per_head) % p.h_out);
   const int b = int(wid / (rows_per_head * p.h_out));
+  if (p.q_count && row >= p.q_count[int64_t(b) * p.h_out + h]) return;  // not computed by the forward
   const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
   const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
   float acc = 0.f;

@@ -21,7 +21,9 @@
 //   Score: s_ij = scale * q_i.k_j + bias[row i][j] (when bias), or self_score when self_mask && pi == pj.
 //   A row with no visible key yields o = 0 and lse = -inf; its gradients are 0.
 // - Combinations the kernels accept (checked by check_flash_params in flash_validate.h): bias, row
-//   thresholds and tile lists only without segments; gathers only with h_q == h_kv; dbias of a
+//   thresholds and tile lists only without segments; gathers only with one output head per query
+//   head (q_group == 1), and key gathers only with h_q == h_kv; compact query gathers (q_count) only
+//   with q_index, without k_index and with one segment; dbias of a
 //   row-broadcast bias only when each bias head lies inside one KV head's group; dbias of a per-row
 //   bias only with one bias head per output head, and the caller zero-fills it (skipped tiles are
 //   not written).
@@ -93,6 +95,15 @@ struct FlashParams {
   const int* k_index;
   int64_t q_index_batch_stride, q_index_head_stride;
   int64_t k_index_batch_stride, k_index_head_stride;
+
+  // Compact query gathers (q_index without k_index, num_segments == 1): head h of batch b uses only
+  // the first q_count[b * h_out + h] (<= seqlen_q) rows of its q_index list, which must ascend
+  // there (rows sorted by position). Rows past the count are not computed: their o, lse, delta and
+  // dq rows are not written (on CUDA dq rows come from the zeroed dq_accum, so they read 0). With
+  // causal, a query block visits only the keys up to its last valid row's position, and a key
+  // block only the query rows from the first one whose position reaches its first key.
+  // K/V are not gathered, so any kv_group works (GQA: the KV head of output head h is h / kv_group).
+  const int* q_count;  // [B][h_out] int32, contiguous; nullptr: every list has seqlen_q rows
 
   bool self_mask;    // replace the score of pi == pj by self_score (shared-QK routing)
   float self_score;  // e.g. -5e4

@@ -33,9 +33,13 @@ inline void check_flash_params(const FlashParams& p) {
   TORCH_CHECK(p.num_segments == 1 || (!p.bias && !p.row_thr && !p.active_list),
               "flash core: bias, row thresholds and tile lists cannot be combined with segments");
   // K/V of a backward block are gathered once for all heads of its group; dq_accum rows are shared
-  // by the heads of a query group: gathers need one output head per query and per KV head.
-  TORCH_CHECK((!p.q_index && !p.k_index) || (p.q_group == 1 && p.kv_group == 1),
-              "flash core: gathers need as many query heads as key/value heads");
+  // by the heads of a query group: gathers need one output head per query head, and key gathers
+  // also one per KV head (query-only gathers read each KV head whole, so GQA is fine there).
+  TORCH_CHECK((!p.q_index && !p.k_index) || (p.q_group == 1 && (p.kv_group == 1 || !p.k_index)),
+              "flash core: gathers need as many query heads as output heads, and key gathers as many "
+              "key/value heads");
+  TORCH_CHECK(!p.q_count || (p.q_index && !p.k_index && p.num_segments == 1),
+              "flash core: q_count needs q_index, no k_index and one segment");
   // more slices than needed are allowed (they stay zero and add nothing)
   TORCH_CHECK(p.dq_splits == 0 || p.dq_splits >= std::max(1, dq_split_key_blocks(p) * p.q_group),
               "flash core: dq_splits must be 0 or at least max(1, dq_split_key_blocks * q_group) = ",

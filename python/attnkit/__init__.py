@@ -12,6 +12,7 @@ from . import nn  # noqa: F401  (attnkit.nn modules)
 from .ops.dma import DynamicMask, dynamic_mask_attention, dynamic_mask_select, masked_bias_attention
 from .ops.dma_kvcache import dynamic_mask_attention_with_kvcache
 from .ops.lightning import lightning_attention, lightning_attention_decode, lightning_slopes
+from .ops.moh import mixture_of_heads_attention
 from .ops.routing import kmeans_assign, kmeans_ema_update_, kmeans_init, routing_assign, routing_attention, routing_commitment_loss
 from .ops.sqa import sparse_query_attention, sparse_query_attention_varlen, sparse_query_attention_with_kvcache
 
@@ -33,6 +34,7 @@ __all__ = [
     "lightning_attention_decode",
     "lightning_slopes",
     "masked_bias_attention",
+    "mixture_of_heads_attention",
     "nn",
     "routing_assign",
     "routing_attention",

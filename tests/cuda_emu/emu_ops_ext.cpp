@@ -1,5 +1,5 @@
-// run_ops_e2e.py, the op layer: csrc/sqa/sqa_cuda.cpp, csrc/routing/routing_cuda.cpp and
-// csrc/dma/dma_cuda.cpp (the CUDA registrations, unchanged) compiled against stand-in c10/cuda and cub
+// run_ops_e2e.py, the op layer: csrc/sqa/sqa_cuda.cpp, csrc/routing/routing_cuda.cpp,
+// csrc/dma/dma_cuda.cpp and csrc/moh/moh_cuda.cpp (the CUDA registrations, unchanged) compiled against stand-in c10/cuda and cub
 // headers (ops_include/) and registered as torch ops of the library "attnkit_emu" on CPU tensors;
 // their kernels run on the CPU emulator (emu_ops_flash.cpp, emu_ops_routing_*.cpp, emu_ops_kmeans.cpp,
 // emu_ops_dma_select.cpp). Schemas come from csrc/op_schemas.h.
@@ -27,6 +27,9 @@
 #define EMU_REGISTER register_dma
 #include "dma/dma_cuda.cpp"
 #undef EMU_REGISTER
+#define EMU_REGISTER register_moh
+#include "moh/moh_cuda.cpp"
+#undef EMU_REGISTER
 
 TORCH_LIBRARY(attnkit_emu, m) {
   // every schema of attnkit (op_schemas.h); only this file's ops get an implementation
@@ -36,4 +39,5 @@ TORCH_LIBRARY(attnkit_emu, m) {
   register_sqa(m);
   register_dma(m);
   register_routing(m);
+  register_moh(m);
 }

@@ -78,6 +78,7 @@ using std::max;
 using std::min;
 
 inline int atomicAdd(int* a, int v) { return std::atomic_ref<int>(*a).fetch_add(v); }
+inline unsigned atomicOr(unsigned* a, unsigned v) { return std::atomic_ref<unsigned>(*a).fetch_or(v); }
 inline unsigned long long atomicAdd(unsigned long long* a, unsigned long long v) {
   return std::atomic_ref<unsigned long long>(*a).fetch_add(v);
 }

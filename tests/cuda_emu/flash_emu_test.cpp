@@ -112,6 +112,9 @@ struct Case {
   bool kept = false;
   bool list = false;
   bool gather = false, self_mask = false, same_index = true;
+  // compact query gathers (FlashParams::q_count): per (b, h) a random count of ascending positions
+  // out of N = Lk query rows, keys not gathered; the list tails hold wild values that must not be read
+  bool compact = false;
   int N = 0;  // physical rows of q / k with gathers
 };
 
@@ -134,11 +137,12 @@ struct Inputs {
   std::vector<float> thr;
   std::vector<int> tie;  // [B][hkv][Lq]
   std::vector<int> qidx, kidx;  // [B][hout][S][L]
+  std::vector<int> qcount;      // [B][hout] (compact)
   std::vector<int> flist, fcount, blist, bcount;
   int fmax = 0, bmax = 0, fouter = 0, bouter = 0;
   Inputs(const Case& c_, ElemType t_)
       : c(c_), t(t_), hout(std::max(c_.hq, c_.hkv)), qg(hout / c_.hq), kvg(hout / c_.hkv),
-        Nq(c_.gather ? c_.N : c_.S * c_.Lq), Nk(c_.gather ? c_.N : c_.S * c_.Lk),
+        Nq(c_.gather || c_.compact ? c_.N : c_.S * c_.Lq), Nk(c_.gather ? c_.N : c_.S * c_.Lk),
         lq(c_.B, Nq, c_.hq, c_.D, 8), lk(c_.B, Nk, c_.hkv, c_.D, 16), lo(c_.B, c_.S * c_.Lq, hout, c_.D, 8),
         ldq(c_.B, c_.S * c_.Lq, c_.hq, c_.D, 0), ldk(c_.B, c_.S * c_.Lk, c_.hkv, c_.D, 8) {}
 };
@@ -218,6 +222,20 @@ Inputs make_inputs(const Case& c, ElemType t, uint64_t seed) {
       in.kidx = in.qidx;
     else
       make(in.kidx, c.Lk);
+  }
+  if (c.compact) {
+    in.qidx.assign(size_t(c.B) * in.hout * c.Lq, -1000000);
+    in.qcount.resize(size_t(c.B) * in.hout);
+    for (size_t bh = 0; bh < in.qcount.size(); ++bh) {
+      // one empty list, one full list, the rest random
+      const int n = bh == 0 ? 0 : bh == 1 ? c.Lq : rng.uniform(c.Lq + 1);
+      in.qcount[bh] = n;
+      std::vector<int> all(c.N);
+      for (int r = 0; r < c.N; ++r) all[r] = r;
+      std::shuffle(all.begin(), all.end(), rng.g);
+      std::sort(all.begin(), all.begin() + n);
+      std::copy(all.begin(), all.begin() + n, in.qidx.begin() + bh * c.Lq);
+    }
   }
   if (c.list) {
     const int nq = (c.Lq + 63) / 64, nk = (c.Lk + 63) / 64;
@@ -340,6 +358,12 @@ void setup(Run& r, const Inputs& in, ElemType t, bool fwd_list) {
     p.k_index_head_stride = int64_t(c.S) * c.Lk;
     p.k_index_batch_stride = in.hout * p.k_index_head_stride;
   }
+  if (c.compact) {
+    p.q_index = in.qidx.data();
+    p.q_index_head_stride = c.Lq;
+    p.q_index_batch_stride = int64_t(in.hout) * c.Lq;
+    p.q_count = in.qcount.data();
+  }
   p.self_mask = c.self_mask;
   p.self_score = -5e4f;
   p.dout = r.dout.ptr();
@@ -453,6 +477,17 @@ double secs_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// Compact gathers: zero the rows past each head's count (o / dq in layout l, and lse when given).
+void blank_rows(const Inputs& in, Buf& x, std::vector<float>& lse, const Layout& l, ElemType t) {
+  const Case& c = in.c;
+  for (int b = 0; b < c.B; ++b)
+    for (int h = 0; h < l.H; ++h)
+      for (int i = in.qcount[size_t(b) * in.hout + h]; i < c.Lq; ++i) {
+        for (int d = 0; d < c.D; ++d) set(x, l.at(b, i, h, d), t, 0.0);
+        if (!lse.empty()) lse[(size_t(b) * in.hout + h) * c.Lq + i] = 0.f;
+      }
+}
+
 bool run_case(const Case& c, ElemType t) {
   const std::string cname = c.name + (t == ElemType::kFloat16 ? " fp16" : " bf16");
   const auto t0 = std::chrono::steady_clock::now();
@@ -472,8 +507,19 @@ bool run_case(const Case& c, ElemType t) {
   emu::watch(emu.lse.data(), emu.lse.size() * 4, "lse");
   flash_fwd(emu.p, nullptr);
   emu::unwatch_all();
-  ok &= cmp_tensor("o", cname, emu.o, ref.o, cpu.o, in.lo, t, rel);
-  ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
+  if (c.compact) {
+    // rows past a head's count are not written: compare copies with those rows zeroed
+    Buf eo = emu.o, ro = ref.o, co = cpu.o;
+    std::vector<float> el = emu.lse, rl = ref.lse, cl = cpu.lse;
+    blank_rows(in, eo, el, in.lo, t);
+    blank_rows(in, ro, rl, in.lo, ElemType::kFloat64);
+    blank_rows(in, co, cl, in.lo, t);
+    ok &= cmp_tensor("o", cname, eo, ro, co, in.lo, t, rel);
+    ok &= cmp_floats("lse", cname, el, rl, cl, 1e-4);
+  } else {
+    ok &= cmp_tensor("o", cname, emu.o, ref.o, cpu.o, in.lo, t, rel);
+    ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
+  }
 
   // backward from each one's own forward; atomic dq, then the deterministic split dq
   for (Run* r : {&ref, &cpu, &emu}) {
@@ -502,7 +548,16 @@ bool run_case(const Case& c, ElemType t) {
     flash_bwd(emu.p, nullptr);
     emu::unwatch_all();
     const std::string n = cname + (split ? " [split dq]" : " [atomic dq]");
-    ok &= cmp_tensor("dq", n, emu.dq, ref.dq, cpu.dq, in.ldq, t, rel);
+    if (c.compact) {
+      Buf edq = emu.dq, rdq = ref.dq, cdq = cpu.dq;
+      std::vector<float> none;
+      blank_rows(in, edq, none, in.ldq, t);
+      blank_rows(in, rdq, none, in.ldq, ElemType::kFloat64);
+      blank_rows(in, cdq, none, in.ldq, t);
+      ok &= cmp_tensor("dq", n, edq, rdq, cdq, in.ldq, t, rel);
+    } else {
+      ok &= cmp_tensor("dq", n, emu.dq, ref.dq, cpu.dq, in.ldq, t, rel);
+    }
     ok &= cmp_tensor("dk", n, emu.dk, ref.dk, cpu.dk, in.ldk, t, rel);
     ok &= cmp_tensor("dv", n, emu.dv, ref.dv, cpu.dv, in.ldk, t, rel);
     if (c.dbias) ok &= cmp_floats("dbias", n, emu.dbias, ref.dbias, cpu.dbias, rel);
@@ -650,6 +705,25 @@ std::vector<Case> cases() {
     Case c{"d40 padded to 64 bias dbias", 1, 1, 70, 70, 2, 2, 40};
     c.bias = 1;
     c.dbias = true;
+    // Mixture-of-Head: lists of up to Lq of N = Lk tokens per head, GQA, several blocks per list
+    Case c{"d64 compact gqa causal", 2, 1, 150, 200, 4, 2, 64};
+    c.compact = true;
+    c.causal = true;
+    c.N = 200;
+    add(c);
+  }
+  {
+    Case c{"d32 compact gqa4 noncausal", 1, 1, 90, 90, 4, 1, 32};
+    c.compact = true;
+    c.N = 90;
+    add(c);
+  }
+  {
+    Case c{"d128 compact causal window", 1, 1, 130, 130, 2, 2, 128};
+    c.compact = true;
+    c.causal = true;
+    c.window = 50;
+    c.N = 130;
     add(c);
   }
   {

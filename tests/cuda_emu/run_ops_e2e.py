@@ -5,7 +5,7 @@ with the flash core's and routing's kernels compiled as host C++ against emu_cud
 torch ops `attnkit_emu::*` on CPU tensors, and compares them with attnkit.reference using the
 FlashAttention rule of the test suite (conftest.assert_close_fa).
 
-    PYTHONPATH=python .venv/bin/python tests/cuda_emu/run_ops_e2e.py [sqa|routing]
+    PYTHONPATH=python .venv/bin/python tests/cuda_emu/run_ops_e2e.py [sqa|routing|dma|moh]
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ load(
     name="attnkit_ops_emu_san" if sanitize else "attnkit_ops_emu",
     sources=[str(here / f) for f in ("emu_ops_ext.cpp", "emu_ops_flash.cpp", "emu_ops_routing_select.cpp",
                                      "emu_ops_routing_combine.cpp", "emu_ops_kmeans.cpp",
-                                     "emu_ops_dma_select.cpp")]
-    + [str(root / f) for f in ("csrc/flash/flash_api.cpp", "csrc/sqa/sqa_api.cpp", "csrc/dma/dma_api.cpp")],
+                                     "emu_ops_dma_select.cpp", "emu_ops_moh.cpp")]
+    + [str(root / f) for f in ("csrc/flash/flash_api.cpp", "csrc/sqa/sqa_api.cpp", "csrc/dma/dma_api.cpp",
+                               "csrc/moh/moh_api.cpp")],
     # the stand-in headers (c10/cuda, cuda_runtime.h) come before torch's
     extra_include_paths=[str(here / "ops_include"), str(here / "cuda_include"), str(here), str(root / "csrc")],
     extra_cflags=["-std=c++20", "-O1", "-pthread", "-Wno-unknown-pragmas"] + (san_flags if sanitize else []),
@@ -418,6 +419,51 @@ if only in ("", "dma"):
         run(f"dma {dt} non-causal reverse GQA", check_dma, dt, 1, 130, 70, 2, 4, 64, 20, False)
         run(f"dma {dt} L=1", check_dma, dt, 2, 1, 1, 2, 2, 64, 1, True)
         run(f"masked_bias {dt} causal", check_masked_bias, dt, True)
+
+# ---- Mixture-of-Head: the tolerances of tests/test_moh.py ----
+M_ATOL_FWD = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
+M_ATOL_BWD = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def check_moh(dtype, B, L, Hq, Hkv, D, K, causal, empty):
+    sys.path.insert(0, str(root / "tests"))
+    from test_moh import make_inputs, moh_eager
+
+    q, k, v, idx, w = make_inputs(B, L, Hq, Hkv, D, K, dtype, "cpu", seed=L + Hq, empty_frac=empty)
+    scale = D**-0.5
+    out, lse, out_slot, lse_slot, q_index, q_count, slot = emu.moh_fwd(q, k, v, idx, w, causal, scale)
+    # the lists of the device counting sort equal the CPU op's (position order, same slots)
+    c_out = torch.ops.attnkit.moh_fwd(q.float(), k.float(), v.float(), idx, w, causal, scale)
+    assert torch.equal(q_count, c_out[5]), "q_count"
+    assert torch.equal(slot, c_out[6]), "slot"
+    for b in range(B):
+        for h in range(Hq):
+            n = int(q_count[b, h])
+            assert torch.equal(q_index[b, h, :n], c_out[4][b, h, :n]), "q_index"
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v, w)]
+    ref, ref_lse = reference.mixture_of_heads_attention_ref(*leaves64[:3], idx, leaves64[3], causal=causal,
+                                                            scale=scale, return_lse=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    eager = moh_eager(*leaves[:3], idx, leaves[3], causal, scale)
+    assert out.dtype == dtype
+    assert_close_fa(out, ref, eager, M_ATOL_FWD[dtype], "out")
+    torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grads = emu.moh_bwd(dout, q, k, v, idx, w, out_slot, lse_slot, q_index, q_count, slot, causal, scale)
+    ref_g = torch.autograd.grad(ref, leaves64, dout.double())
+    eager_g = torch.autograd.grad(eager, leaves, dout)
+    for name, a, r, e in zip(("dq", "dk", "dv", "dweight"), grads, ref_g, eager_g):
+        assert a.shape == r.shape, name
+        assert_close_fa(a, r, e, M_ATOL_BWD[dtype] * (4 if name == "dweight" else 1), name)
+
+
+if only in ("", "moh"):
+    for dt in (torch.float16, torch.bfloat16):
+        run(f"moh {dt} causal GQA K=3", check_moh, dt, 2, 150, 8, 2, 64, 3, True, 0.0)
+        run(f"moh {dt} non-causal K=Hq empty slots", check_moh, dt, 1, 90, 4, 4, 32, 4, False, 0.3)
+        run(f"moh {dt} causal K=1 MQA long", check_moh, dt, 1, 300, 4, 1, 64, 1, True, 0.1)
+    # more than one sort chunk (256 tokens) and a weight in q's dtype
+    run("moh bf16 L=600 K=2", check_moh, torch.bfloat16, 1, 600, 4, 2, 32, 2, True, 0.2)
 
 print("PASSED" if not failed else f"FAILED: {failed}")
 sys.exit(1 if failed else 0)

@@ -131,6 +131,8 @@ if want flash; then
       # forward (three key blocks: stages refilled), delta, backward (two query blocks, fp32-atomic
       # and sliced dq), dq epilogue, several blocks per launch
       run "flash d32 Lq80 Lk150 fp16" "$out/flash_emu_test" "d32 Lq80 Lk150" fp16
+      # compact query gathers (Mixture-of-Head): per-head row counts, GQA without key gathers
+      run "flash d32 compact gqa4 noncausal fp16" "$out/flash_emu_test" "d32 compact gqa4 noncausal" fp16
     else
       run "flash ${sub:-all cases}" "$out/flash_emu_test" "$sub"
     fi
@@ -157,7 +159,7 @@ if want ops; then
   mkdir -p "$out/ops"
   # the build: the first run's import (no case selected)
   "${ops_env[@]}" EMU_CASES="(build only)" "$py" "$here/run_ops_e2e.py" >"$out/ops_build.log" 2>&1
-  if built "ops (sqa, routing, dma op layers)" $?; then
+  if built "ops (sqa, routing, dma, moh op layers)" $?; then
     if ((quick)); then
       # dma_select; routing select (assign), combine + the core (attention fwd/bwd), k-means
       # assign / EMA update
@@ -165,6 +167,8 @@ if want ops; then
       run "ops routing" "${ops_env[@]}" \
         EMU_CASES="routing_assign torch.float16 separate+pad|routing_attention torch.bfloat16 shared=True det=False|kmeans torch.float32 given" \
         "$py" "$here/run_ops_e2e.py" routing
+      # moh: counting sort, weighted scatter, gradient gather + the core's compact gathers
+      run "ops moh" "${ops_env[@]}" EMU_CASES="moh torch.float16 non-causal" "$py" "$here/run_ops_e2e.py" moh
     else
       run "ops ${sub:-all cases}" "${ops_env[@]}" EMU_CASES="$sub" "$py" "$here/run_ops_e2e.py"
     fi

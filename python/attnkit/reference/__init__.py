@@ -18,4 +18,5 @@ from .routing import (
     routing_scores_ref,
     routing_topw_ref,
 )
+from .moh import mixture_of_heads_attention_ref, moh_gate_dense
 from .sqa import full_attention_ref, sqa_head_mapping, sqa_kvcache_reference, sqa_reference, sqa_varlen_reference
