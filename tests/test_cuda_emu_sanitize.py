@@ -58,8 +58,8 @@ BWD = "csrc/flash/flash_bwd_kernel.cuh"
 PLANTED = {
     "fwd-barrier": (FWD, "    __syncthreads();  // the stage is refilled next iteration\n", "\n", "flash"),
     "bwd-barrier": (BWD, "      __syncthreads();  // sQ, sdO, sP, sdS, sLse are refilled next\n", "\n", "flash"),
-    "o-row-bound": (FWD, "    if (row < p.seqlen_q) {\n      const int64_t orow", "    if (row <= p.seqlen_q) {\n"
-                    "      const int64_t orow", "flash"),
+    "o-row-bound": (FWD, "    if (row < c.rows_q && col < p.head_dim) {", "    if (row <= c.rows_q && col < p.head_dim) {",
+                    "flash"),
 }
 
 

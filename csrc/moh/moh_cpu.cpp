@@ -57,12 +57,18 @@ void for_each_selection(const at::Tensor& idx, const at::Tensor& slot, Fn&& fn) 
   });
 }
 
+// The weights in the accumulation type of the CPU path: double for double inputs, else float.
+at::Tensor weight_acc(const at::Tensor& head_weight, const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? head_weight.to(at::kDouble).contiguous() : weight_f32(head_weight);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& head_idx,
     const at::Tensor& head_weight, bool causal, double scale) {
   check_inputs(q, k, v, head_idx, head_weight, /*for_cuda_kernel=*/false, /*check_values=*/true);
   const int64_t B = q.size(0), L = q.size(1), hq = q.size(2), D = q.size(3);
-  const at::Tensor idx = index_i32(head_idx), w = weight_f32(head_weight);
+  // fp64 inputs keep fp64 weights (the CPU path accumulates in the inputs' opmath type)
+  const at::Tensor idx = index_i32(head_idx), w = weight_acc(head_weight, q);
   const auto iopt = idx.options();
   at::Tensor q_index = at::full({B, hq, L}, -1, iopt), q_count = at::empty({B, hq}, iopt), slot = at::empty_like(idx);
   route_cpu(idx, q_index, q_count, slot, hq);
@@ -80,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* o = out.data_ptr<scalar_t>();
     const float* ls = lse_slot.data_ptr<float>();
     float* lt = lse.data_ptr<float>();
-    const float* wp = w.data_ptr<float>();
+    const acc_t* wp = w.data_ptr<acc_t>();
     for_each_selection(idx, slot, [&](int64_t b, int64_t t, int64_t h, int64_t s, int64_t e) {
       const acc_t wt = static_cast<acc_t>(wp[e]);
       const scalar_t* src = os + ((b * L + s) * hq + h) * D;
@@ -99,11 +105,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_bwd_cpu(
   check_inputs(q, k, v, head_idx, head_weight, /*for_cuda_kernel=*/false, /*check_values=*/false);
   check_bwd_inputs(dout_in, q, out_slot, lse_slot, q_index, q_count, slot, head_idx);
   const int64_t B = q.size(0), L = q.size(1), hq = q.size(2), D = q.size(3);
-  const at::Tensor idx = index_i32(head_idx), w = weight_f32(head_weight);
+  const at::Tensor idx = index_i32(head_idx), w = weight_acc(head_weight, q);
   const at::Tensor dout = dout_in.contiguous();
   // gradient of the unweighted head outputs (slot space) and of the weights: dO = w dY, dw = <dY, O>
   at::Tensor dout_slot = at::empty({B, L, hq, D}, q.options());
-  at::Tensor dweight = at::zeros(idx.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dweight = at::zeros(idx.sizes(), w.options());
   at::Tensor dq_slot = at::empty({B, L, hq, D}, q.options());
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
@@ -112,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_bwd_cpu(
     const scalar_t* dy = dout.data_ptr<scalar_t>();
     const scalar_t* os = out_slot.data_ptr<scalar_t>();
     scalar_t* ds = dout_slot.data_ptr<scalar_t>();
-    const float* wp = w.data_ptr<float>();
-    float* dw = dweight.data_ptr<float>();
+    const acc_t* wp = w.data_ptr<acc_t>();
+    acc_t* dw = dweight.data_ptr<acc_t>();
     for_each_selection(idx, slot, [&](int64_t b, int64_t t, int64_t h, int64_t s, int64_t e) {
       const acc_t wt = static_cast<acc_t>(wp[e]);
       const scalar_t* g = dy + ((b * L + t) * hq + h) * D;
@@ -125,7 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_bwd_cpu(
         dst[d] = static_cast<scalar_t>(gv * wt);
         acc += gv * static_cast<acc_t>(o[d]);
       }
-      dw[e] = static_cast<float>(acc);
+      dw[e] = acc;
     });
 
     flash::FlashParams p = core_params(q, k, v, q_index, q_count, causal, scale);
