@@ -180,7 +180,7 @@ def test_dma_kept_is_topk_with_ties_to_lower_position():
 
 def test_registry_uses_only_ops_that_exist(monkeypatch):
     for name in ("dynamic_mask_attention", "lightning_attention", "routing_assign", "sparse_query_attention_varlen",
-                 "sparse_query_attention_with_kvcache"):
+                 "sparse_query_attention_with_kvcache", "mixture_of_heads_attention"):
         monkeypatch.delattr(attnkit, name, raising=False)
     monkeypatch.setattr(attnkit, "sparse_query_attention", fake_sqa, raising=False)
     cfg = C.SuiteConfig(quick=True, modes=("fwd",))
