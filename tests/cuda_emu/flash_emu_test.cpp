@@ -705,6 +705,9 @@ std::vector<Case> cases() {
     Case c{"d40 padded to 64 bias dbias", 1, 1, 70, 70, 2, 2, 40};
     c.bias = 1;
     c.dbias = true;
+    add(c);
+  }
+  {
     // Mixture-of-Head: lists of up to Lq of N = Lk tokens per head, GQA, several blocks per list
     Case c{"d64 compact gqa causal", 2, 1, 150, 200, 4, 2, 64};
     c.compact = true;
