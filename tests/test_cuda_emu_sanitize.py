@@ -45,7 +45,7 @@ def _sanitize(root: pathlib.Path, *args: str, timeout: float) -> subprocess.Comp
 
 def test_quick_set():
     _skip_without_tools()
-    r = _sanitize(ROOT, timeout=1500)
+    r = _sanitize(ROOT, timeout=3600)
     assert r.returncode == 0, f"sanitize.sh failed ({r.returncode}):\n{r.stdout[-6000:]}\n{r.stderr[-3000:]}"
     # every op ran, under both schedules
     for what in ("selftest", "flash", "lightning", "ops dma_select", "ops routing"):
