@@ -155,7 +155,10 @@ fi
 if want ops; then
   asan_rt="$("$cxx" -print-file-name=libasan.so)"
   ubsan_rt="$("$cxx" -print-file-name=libubsan.so)"
-  ops_env=(env EMU_SANITIZE=1 EMU_BUILD_DIR="$out/ops" LD_PRELOAD="$asan_rt:$ubsan_rt" PYTHONPATH="$root/python")
+  # the source tree's attnkit only where `make dev` put a built _C there; else the installed package
+  pypath="${PYTHONPATH:-}"
+  compgen -G "$root/python/attnkit/_C*.so" >/dev/null && pypath="$root/python"
+  ops_env=(env EMU_SANITIZE=1 EMU_BUILD_DIR="$out/ops" LD_PRELOAD="$asan_rt:$ubsan_rt" PYTHONPATH="$pypath")
   mkdir -p "$out/ops"
   # the build: the first run's import (no case selected)
   "${ops_env[@]}" EMU_CASES="(build only)" "$py" "$here/run_ops_e2e.py" >"$out/ops_build.log" 2>&1
