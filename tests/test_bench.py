@@ -460,3 +460,31 @@ def test_case_that_cannot_build_inputs_does_not_stop_the_suite(fakes):
     assert res.gate["status"] == "ERROR"
     assert all(r.status == "oom" for r in res.impls)
     json.dumps(res.to_json())
+
+
+def test_cpu_targets_speed_and_thread_rows(monkeypatch):
+    """The CPU targets read the suite's own timings, and time thread scaling on the same case."""
+    from attnkit.bench import cpu_targets as T
+    from attnkit.bench.cases.sqa import sqa_case
+
+    case = sqa_case("mha", H=2, B=1, L=64, D=16, causal=True, dtype=torch.float32, device="cpu", mode="fwd")
+    res = Runner("cpu", FAST).run_case(case)
+    a, b = res.impl("attnkit"), res.impl("sdpa-flash")
+    assert a.ms and b.ms
+    target = T.SpeedTarget("t", "sqa", case.variant, 64, "fwd", "sdpa-flash", 0.0)
+    monkeypatch.setattr(T, "SPEED_TARGETS", (target, T.SpeedTarget("absent", "sqa", case.variant, 128, "fwd",
+                                                                     "sdpa-flash", 1.0)))
+    monkeypatch.setattr(T, "SCALING_CASES", (("sqa", case.variant, 64, "fwd"),))
+    monkeypatch.setattr(T, "SCALING_ROUNDS", 1)
+    threads = torch.get_num_threads()
+    rows = T.evaluate([res], Runner("cpu", FAST))
+    assert torch.get_num_threads() == threads  # left as found
+    assert rows[0]["value"] == pytest.approx(b.ms / a.ms) and rows[0]["verdict"] == "OK"
+    assert rows[1]["value"] is None and rows[1]["verdict"] == "not run"
+    scale = rows[2]
+    if threads >= 2:
+        assert scale["value"] > 0 and scale["verdict"] in ("OK", "MISS") and "with 1 thread" in scale["detail"]
+    else:
+        assert scale["verdict"] == "not run"
+    md = T.render(rows)
+    assert md.count("\n| ") == len(rows) + 1 and ">= 0.00x" in md and "<= 0.60x" in md

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "common/cpu_gemm.h"
@@ -83,65 +84,115 @@ void run_unit(const PassParams& p, int n, int h, int seg, bool state_only) {
     }
   }
 
-  // Chunk products as block GEMMs (cpu::gemm_nn): rows are chunk positions, Kt / Kw are k transposed.
-  std::vector<A> Q(size_t(BT) * dk), K(size_t(BT) * dk), V(size_t(BT) * dv), P(size_t(BT) * BT);
-  std::vector<A> Kt(size_t(dk) * BT), Kw(deriv ? size_t(dk) * BT : 0), W(size_t(BT) * BT), QS(size_t(BT) * dv), QT(deriv ? size_t(BT) * dv : 0),
-      Y(size_t(BT) * dv);
+  // Chunk products as block GEMMs (cpu::gemm): rows are chunk positions. Fp32/fp64 inputs read in
+  // order and with v_scale = 1 are used in place (row stride as the leading dimension); otherwise the
+  // chunk's rows are first converted into Qb / Kb / Vb.
+  // Dm[i][j] = lambda^(i-j) for j <= i, else 0; Dd[i][j] = (i-j) lambda^(i-j-1) for j < i, else 0.
+  std::vector<A> Dm(size_t(BT) * BT, A(0)), Dd(deriv ? size_t(BT) * BT : 0, A(0));
+  for (int i = 0; i < BT; ++i)
+    for (int j = 0; j <= i; ++j) {
+      Dm[size_t(i) * BT + j] = pw[i - j];
+      if (deriv && j < i) Dd[size_t(i) * BT + j] = A(i - j) * pw[i - j - 1];
+    }
+  constexpr bool kSameType = std::is_same_v<T, A>;
+  const bool direct = kSameType && !p.reverse;
+  const bool direct_v = direct && p.v_scale == 1.0;
+  const bool direct_o = direct && p.o != nullptr;  // out_scale is folded into W and the q S weights
+  std::vector<A> Qb(direct ? 0 : size_t(BT) * dk), Kb(direct ? 0 : size_t(BT) * dk), Vb(direct_v ? 0 : size_t(BT) * dv);
+  std::vector<A> P(size_t(BT) * BT), W(size_t(BT) * BT), Kw(size_t(BT) * dk), QS(size_t(BT) * dv),
+      QT(deriv ? size_t(BT) * dv : 0), Y(size_t(BT) * dv);
   std::vector<int64_t> rows(BT);
+  const A out_scale = A(p.out_scale);
   double dl = 0;  // d lambda partial: a long sum, kept in fp64
   const int64_t c_begin = seg * sp.chunks_per_seg;
   const int64_t c_end = std::min(c_begin + sp.chunks_per_seg, sp.nchunks);
+  auto row_ptr = [&](const SeqTensor& t, int64_t row) {
+    return static_cast<const T*>(t.ptr) + sb.b * t.batch_stride + row * t.row_stride + h * t.head_stride;
+  };
   for (int64_t c = c_begin; c < c_end; ++c) {
     const int64_t t0 = c * BT;
     const int nr = int(std::min<int64_t>(BT, sb.len - t0));
     for (int i = 0; i < nr; ++i) {
       const int64_t tau = t0 + i;
-      const int64_t row = sb.start + (p.reverse ? sb.len - 1 - tau : tau);
-      rows[i] = row;
-      const T* kr = static_cast<const T*>(p.k.ptr) + sb.b * p.k.batch_stride + row * p.k.row_stride + h * p.k.head_stride;
-      const T* vr = static_cast<const T*>(p.v.ptr) + sb.b * p.v.batch_stride + row * p.v.row_stride + h * p.v.head_stride;
-      for (int d = 0; d < dk; ++d) K[size_t(i) * dk + d] = to_acc<A>(kr[d]);
-      for (int e = 0; e < dv; ++e) V[size_t(i) * dv + e] = A(p.v_scale) * to_acc<A>(vr[e]);
-      if (!state_only) {
-        const T* qr = static_cast<const T*>(p.q.ptr) + sb.b * p.q.batch_stride + row * p.q.row_stride + h * p.q.head_stride;
-        for (int d = 0; d < dk; ++d) Q[size_t(i) * dk + d] = to_acc<A>(qr[d]);
-      }
+      rows[i] = sb.start + (p.reverse ? sb.len - 1 - tau : tau);
     }
-    for (int i = 0; i < nr; ++i)
-      for (int d = 0; d < dk; ++d) Kt[size_t(d) * BT + i] = K[size_t(i) * dk + d];
+    const A *Qp, *Kp, *Vp;
+    int64_t ldq, ldk, ldv;
+    if (direct) {
+      Qp = state_only ? nullptr : reinterpret_cast<const A*>(row_ptr(p.q, rows[0]));
+      Kp = reinterpret_cast<const A*>(row_ptr(p.k, rows[0]));
+      ldq = p.q.row_stride;
+      ldk = p.k.row_stride;
+    } else {
+      for (int i = 0; i < nr; ++i) {
+        const T* kr = row_ptr(p.k, rows[i]);
+        for (int d = 0; d < dk; ++d) Kb[size_t(i) * dk + d] = to_acc<A>(kr[d]);
+        if (!state_only) {
+          const T* qr = row_ptr(p.q, rows[i]);
+          for (int d = 0; d < dk; ++d) Qb[size_t(i) * dk + d] = to_acc<A>(qr[d]);
+        }
+      }
+      Qp = Qb.data();
+      Kp = Kb.data();
+      ldq = ldk = dk;
+    }
+    if (direct_v) {
+      Vp = reinterpret_cast<const A*>(row_ptr(p.v, rows[0]));
+      ldv = p.v.row_stride;
+    } else {
+      const A vs = A(p.v_scale);
+      for (int i = 0; i < nr; ++i) {
+        const T* vr = row_ptr(p.v, rows[i]);
+        for (int e = 0; e < dv; ++e) Vb[size_t(i) * dv + e] = vs * to_acc<A>(vr[e]);
+      }
+      Vp = Vb.data();
+      ldv = dv;
+    }
     if (!state_only) {
-      cpu::gemm_nn(nr, nr, dk, Q.data(), dk, Kt.data(), BT, P.data(), BT, false);  // q_i . k_j
-      cpu::gemm_nn(nr, dv, dk, Q.data(), dk, S.data(), dv, QS.data(), dv, false);  // q_i S
-      if (deriv) cpu::gemm_nn(nr, dv, dk, Q.data(), dk, Tst.data(), dv, QT.data(), dv, false);  // q_i T
-      const A out_scale = A(p.out_scale);
+      cpu::gemm(false, true, nr, nr, dk, Qp, ldq, Kp, ldk, P.data(), BT, false);     // q_i . k_j
+      cpu::gemm_nn(nr, dv, dk, Qp, ldq, S.data(), dv, QS.data(), dv, false);          // q_i S
+      if (deriv) cpu::gemm_nn(nr, dv, dk, Qp, ldq, Tst.data(), dv, QT.data(), dv, false);  // q_i T
       if (p.o) {
-        // o_i = lambda^(i+1-pshift) q_i S + sum_{j<=i} lambda^(i-j) (q_i.k_j) v_j
+        // o_i = out_scale (lambda^(i+1-pshift) q_i S + sum_{j<=i} lambda^(i-j) (q_i.k_j) v_j)
+        A* Yp = Y.data();
+        int64_t ldy = dv;
+        if (direct_o) {
+          Yp = reinterpret_cast<A*>(static_cast<T*>(p.o) + sb.b * p.o_batch_stride + rows[0] * p.o_row_stride +
+                                    h * p.o_head_stride);
+          ldy = p.o_row_stride;
+        }
         for (int i = 0; i < nr; ++i) {
           A* wr = &W[size_t(i) * BT];
-          for (int j = 0; j < nr; ++j) wr[j] = j <= i ? pw[i - j] * P[size_t(i) * BT + j] : A(0);
-          const A a_inter = pw[i + 1 - pshift];
-          for (int e = 0; e < dv; ++e) Y[size_t(i) * dv + e] = a_inter * QS[size_t(i) * dv + e];
+          const A* pr = &P[size_t(i) * BT];
+          const A* dr = &Dm[size_t(i) * BT];
+          for (int j = 0; j < nr; ++j) wr[j] = out_scale * dr[j] * pr[j];
+          const A a_inter = out_scale * pw[i + 1 - pshift];
+          A* yr = Yp + i * ldy;
+          const A* qsr = &QS[size_t(i) * dv];
+          for (int e = 0; e < dv; ++e) yr[e] = a_inter * qsr[e];
         }
-        cpu::gemm_nn(nr, dv, nr, W.data(), BT, V.data(), dv, Y.data(), dv, true);
-        for (int i = 0; i < nr; ++i) {
-          T* orow = static_cast<T*>(p.o) + sb.b * p.o_batch_stride + rows[i] * p.o_row_stride + h * p.o_head_stride;
-          const A* yr = &Y[size_t(i) * dv];
-          for (int e = 0; e < dv; ++e) orow[e] = from_acc<T, A>(out_scale * yr[e]);
-        }
+        cpu::gemm_nn(nr, dv, nr, W.data(), BT, Vp, ldv, Yp, ldy, true);
+        if (!direct_o)
+          for (int i = 0; i < nr; ++i) {
+            T* orow = static_cast<T*>(p.o) + sb.b * p.o_batch_stride + rows[i] * p.o_row_stride + h * p.o_head_stride;
+            const A* yr = &Y[size_t(i) * dv];
+            for (int e = 0; e < dv; ++e) orow[e] = from_acc<T, A>(yr[e]);
+          }
       }
       if (deriv) {
         // y_i = d(o_i)/d(lambda) / out_scale:
         //   lambda^(i+1) q_i T + (i+1) lambda^i q_i S + sum_{j<i} (i-j) lambda^(i-j-1) (q_i.k_j) v_j
         for (int i = 0; i < nr; ++i) {
           A* wr = &W[size_t(i) * BT];
-          for (int j = 0; j < nr; ++j) wr[j] = j < i ? A(i - j) * pw[i - j - 1] * P[size_t(i) * BT + j] : A(0);
-          for (int e = 0; e < dv; ++e)
-            Y[size_t(i) * dv + e] = pw[i + 1] * QT[size_t(i) * dv + e] + A(i + 1) * pw[i] * QS[size_t(i) * dv + e];
+          const A* pr = &P[size_t(i) * BT];
+          const A* dr = &Dd[size_t(i) * BT];
+          for (int j = 0; j < nr; ++j) wr[j] = dr[j] * pr[j];
+          const A a_t = pw[i + 1], a_s = A(i + 1) * pw[i];
+          for (int e = 0; e < dv; ++e) Y[size_t(i) * dv + e] = a_t * QT[size_t(i) * dv + e] + a_s * QS[size_t(i) * dv + e];
         }
-        cpu::gemm_nn(nr, dv, nr, W.data(), BT, V.data(), dv, Y.data(), dv, true);
+        cpu::gemm_nn(nr, dv, nr, W.data(), BT, Vp, ldv, Y.data(), dv, true);
         for (int i = 0; i < nr; ++i) {
-          const T* dr = static_cast<const T*>(p.dout.ptr) + sb.b * p.dout.batch_stride + rows[i] * p.dout.row_stride +
-                        h * p.dout.head_stride;
+          const T* dr = row_ptr(p.dout, rows[i]);
           const A* yr = &Y[size_t(i) * dv];
           double acc = 0;
           for (int e = 0; e < dv; ++e) acc += double(to_acc<A>(dr[e]) * yr[e]);
@@ -149,26 +200,29 @@ void run_unit(const PassParams& p, int n, int h, int seg, bool state_only) {
         }
       }
     }
-    // State update (T first: it reads the old S). Kw, then Kt itself, hold k transposed and weighted.
+    // State update (T first: it reads the old S). Kw holds the rows of k, weighted.
     if (deriv) {
       //   T <- lambda^nr T + nr lambda^(nr-1) S + sum_{j < nr-1} (nr-1-j) lambda^(nr-2-j) k_j^T v_j
       const A a_t = pw[nr], a_s = A(nr) * pw[nr - 1];
       for (size_t x = 0; x < Tst.size(); ++x) Tst[x] = a_t * Tst[x] + a_s * S[x];
-      for (int d = 0; d < dk; ++d) {
-        A* wr = &Kw[size_t(d) * BT];
-        const A* kr = &Kt[size_t(d) * BT];
-        for (int j = 0; j < nr; ++j) wr[j] = j + 1 < nr ? A(nr - 1 - j) * pw[nr - 2 - j] * kr[j] : A(0);
+      for (int j = 0; j < nr; ++j) {
+        const A w = j + 1 < nr ? A(nr - 1 - j) * pw[nr - 2 - j] : A(0);
+        const A* kr = Kp + j * ldk;
+        A* wr = &Kw[size_t(j) * dk];
+        for (int d = 0; d < dk; ++d) wr[d] = w * kr[d];
       }
-      cpu::gemm_nn(dk, dv, nr, Kw.data(), BT, V.data(), dv, Tst.data(), dv, true);
+      cpu::gemm(true, false, dk, dv, nr, Kw.data(), dk, Vp, ldv, Tst.data(), dv, true);
     }
     //   S <- lambda^(nr - pshift) S + sum_j lambda^(nr-1-j) k_j^T v_j
     const A a_s = pw[nr - pshift];
     for (auto& x : S) x *= a_s;
-    for (int d = 0; d < dk; ++d) {
-      A* kr = &Kt[size_t(d) * BT];
-      for (int j = 0; j < nr; ++j) kr[j] *= pw[nr - 1 - j];
+    for (int j = 0; j < nr; ++j) {
+      const A w = pw[nr - 1 - j];
+      const A* kr = Kp + j * ldk;
+      A* wr = &Kw[size_t(j) * dk];
+      for (int d = 0; d < dk; ++d) wr[d] = w * kr[d];
     }
-    cpu::gemm_nn(dk, dv, nr, Kt.data(), BT, V.data(), dv, S.data(), dv, true);
+    cpu::gemm(true, false, dk, dv, nr, Kw.data(), dk, Vp, ldv, S.data(), dv, true);
     pshift = 0;
   }
 

@@ -248,10 +248,20 @@ def _main(a: argparse.Namespace) -> int:
     }
     out_dir: Path = a.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = write_json(out_dir / "results.json", env, config, results, notes + sorted(seen_notes))
+    targets = None
+    if device == "cpu" and not a.quick and not interrupted:
+        from .cpu_targets import evaluate
+
+        targets = evaluate(results, runner)
+    doc = write_json(out_dir / "results.json", env, config, results, notes + sorted(seen_notes),
+                     extra=None if targets is None else {"cpu_targets": targets})
     (out_dir / "table.md").write_text(render_markdown(doc) + "\n")
 
     print_tables(doc)
+    if targets is not None:
+        from .cpu_targets import render
+
+        print(render(targets))
     written = [out_dir / "results.json", out_dir / "table.md"]
     if not a.no_plots:
         try:

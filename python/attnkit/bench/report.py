@@ -108,13 +108,14 @@ def environment(device: str) -> dict:
     return env
 
 
-def write_json(path: Path, env: dict, config: dict, results: list, notes: list[str]) -> dict:
+def write_json(path: Path, env: dict, config: dict, results: list, notes: list[str], extra: dict | None = None) -> dict:
     doc = {
         "schema": SCHEMA,
         "environment": env,
         "config": config,
         "notes": notes,
         "cases": [r.to_json() for r in results],
+        **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:
@@ -138,7 +139,7 @@ COLUMNS = ["case", "L", "B", "mode", "impl", "gate", "ms", "IQR", "TFLOP/s", "de
            "attnkit speedup", "note"]
 
 OP_TITLES = {"sqa": "Sparse Query Attention", "dma": "Dynamic Mask Attention", "lightning": "Lightning attention",
-             "routing": "Routing attention"}
+             "routing": "Routing attention", "moh": "Mixture-of-Head attention"}
 
 
 def _f(x, fmt="{:.3f}"):
@@ -214,6 +215,11 @@ def render_markdown(doc: dict) -> str:
         for row in rows:
             if row:
                 lines.append("| " + " | ".join(x.replace("|", "/") for x in row) + " |")
+        lines.append("")
+    if doc.get("cpu_targets"):
+        from .cpu_targets import render
+
+        lines.append(render(doc["cpu_targets"]))
         lines.append("")
     return "\n".join(lines)
 
