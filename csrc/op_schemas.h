@@ -46,6 +46,8 @@ ATTNKIT_OP(
     "_flash_core_cpu_test(Tensor q, Tensor k, Tensor v, Tensor? bias, Tensor? row_thr, Tensor? row_tie,"
     " Tensor? q_index, Tensor? k_index, bool causal, int window_left, bool self_mask, float self_score,"
     " float scale, Tensor? dout) -> Tensor[]")
+// The split-KV heuristic (flash/flash_splits.h) for a grid of `blocks` blocks, key_tiles key blocks, sms SMs.
+ATTNKIT_OP("_flash_num_splits_heuristic(int blocks, int key_tiles, int sms) -> int")
 #endif  // ATTNKIT_TEST_OPS
 
 // ---- Routing attention (Routing Transformer; flash core with segment gathers) ----

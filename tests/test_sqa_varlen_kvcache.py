@@ -211,6 +211,65 @@ def test_kvcache(device, dtype, case):
     assert torch.equal(k_cache.double().cpu(), kc_ref.cpu()) and torch.equal(v_cache.double().cpu(), vc_ref.cpu())
 
 
+@pytest.mark.parametrize("device,dtype", DEV_DTYPES, ids=IDS)
+@pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (40, 0))])
+def test_kvcache_num_splits(device, dtype, causal, window):
+    # num_splits changes only how the keys are split over thread blocks on CUDA (the CPU path ignores
+    # it): every value matches the reference, and the results agree with each other up to rounding.
+    # Batch rows of 1, 2 and 261 keys; 1000 asks for more splits than there are key blocks.
+    B, Lq, Lnew, Lmax, hq, hkv, D = 3, 4, 1, 300, 8, 2, 64
+    g = torch.Generator().manual_seed(30)
+    q = _rand((B, Lq, hq, D), dtype, device, g)
+    k_cache = _rand((B, Lmax, hkv, D), dtype, device, g)
+    v_cache = _rand((B, Lmax, hkv, D), dtype, device, g)
+    k, v = _rand((B, Lnew, hkv, D), dtype, device, g), _rand((B, Lnew, hkv, D), dtype, device, g)
+    seqlens = torch.tensor([0, 1, 260], dtype=torch.int32, device=device)
+    ref, _, _, ref_lse = sqa_kvcache_reference(
+        q.double(), k_cache, v_cache, k, v, seqlens.cpu(), causal=causal, window_size=window, return_lse=True
+    )
+    eag = sqa_kvcache_reference(q.float(), k_cache.float(), v_cache.float(), k.float(), v.float(), seqlens.cpu(),
+                                causal=causal, window_size=window)[0]
+    assert torch.isinf(ref_lse).any(), "the case must hold rows without keys"
+    results = {}
+    for num_splits in (0, 1, 3, 1000):
+        kc, vc = k_cache.clone(), v_cache.clone()
+        out, lse = attnkit.sparse_query_attention_with_kvcache(
+            q, kc, vc, k, v, cache_seqlens=seqlens, causal=causal, window_size=window, num_splits=num_splits,
+            return_lse=True,
+        )
+        assert_close_fa(out, ref, eag.to(dtype), ATOL_FWD[dtype], f"out num_splits={num_splits}")
+        torch.testing.assert_close(lse.cpu(), ref_lse.float().cpu(), atol=1e-4, rtol=1e-5)
+        assert not out.isnan().any() and (out[lse.isinf().transpose(1, 2)] == 0).all()  # rows without keys
+        results[num_splits] = out.float()
+    for num_splits, out in results.items():  # the same sums in another order: rounding apart
+        torch.testing.assert_close(out, results[1], atol=2 * ATOL_FWD[dtype], rtol=0, msg=f"num_splits={num_splits}")
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.attnkit, "_flash_num_splits_heuristic"),
+                    reason="test-only op _flash_num_splits_heuristic not built (ATTNKIT_TEST_OPS=1)")
+def test_num_splits_heuristic():
+    # flash/flash_splits.h: (unsplit grid blocks, key blocks, SMs) -> split count
+    h = torch.ops.attnkit._flash_num_splits_heuristic
+    # decoding B=1, Lq=1, 8 heads over 32k keys (512 key blocks) on 132 SMs: 8 blocks leave 124 SMs
+    # idle; 14 splits run 112 blocks (85% of one wave), the fewest within 85% of the best wave fill
+    # (16 splits: 128 blocks, 97%)
+    assert h(1 * 8 * 1, 32768 // 64, 132) == 14
+    # one block over 3 key blocks: every key block its own split
+    assert h(1, 3, 132) == 3
+    # a big batch already fills the SMs: no split (32 * 8 blocks; 106 >= 80% of 132)
+    assert h(32 * 8, 512, 132) == 1
+    assert h(106, 512, 132) == 1
+    assert h(105, 512, 132) > 1
+    # nothing to split
+    assert h(8, 0, 132) == 1 and h(8, 1, 132) == 1 and h(0, 100, 132) == 1
+    for blocks in (1, 2, 3, 8, 30, 64, 100):
+        for tiles in (2, 3, 5, 7, 16, 50, 100, 1000, 100000):
+            s = h(blocks, tiles, 132)
+            assert 1 <= s <= min(tiles, 128), (blocks, tiles, s)
+            if s > 1:  # a split count is taken only when it shortens the longest split
+                assert -(-tiles // s) < -(-tiles // (s - 1)), (blocks, tiles, s)
+
+
 def test_kvcache_int_seqlens_and_generation_loop():
     # Decoding token by token with the cache == full causal attention over the whole sequence.
     g = torch.Generator().manual_seed(20)

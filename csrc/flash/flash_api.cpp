@@ -209,6 +209,25 @@ void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k) {
   p.seqused_k = seqused_k.data_ptr<int>();
 }
 
+std::tuple<at::Tensor, at::Tensor> set_split_workspaces(FlashParams& p, int64_t num_splits,
+                                                        const at::TensorOptions& options) {
+  TORCH_CHECK(num_splits >= 0 && num_splits <= kFlashMaxSplits, "flash core: num_splits must be in [0, ",
+              kFlashMaxSplits, "], got ", num_splits);
+  if (num_splits <= 1) {
+    p.num_splits = 1;
+    p.o_accum = p.lse_accum = nullptr;
+    return {at::Tensor(), at::Tensor()};
+  }
+  const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
+  const at::TensorOptions f32 = options.dtype(at::kFloat);
+  at::Tensor o_accum = at::empty({num_splits, p.batch, p.h_out, rows, p.head_dim}, f32);
+  at::Tensor lse_accum = at::empty({num_splits, p.batch, p.h_out, rows}, f32);
+  p.num_splits = static_cast<int>(num_splits);
+  p.o_accum = o_accum.data_ptr<float>();
+  p.lse_accum = lse_accum.data_ptr<float>();
+  return {o_accum, lse_accum};
+}
+
 void set_compact_rows(FlashParams& p, const at::Tensor& q_index, const at::Tensor& q_count) {
   TORCH_CHECK(q_index.dim() == 4 && q_index.scalar_type() == at::kInt && q_index.size(2) == 1,
               "flash core: compact q_index must be int32 [B, H, 1, w]");

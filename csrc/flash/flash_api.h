@@ -64,6 +64,12 @@ void set_varlen(FlashParams& p, const at::Tensor& cu_seqlens_q, const at::Tensor
                 int64_t max_seqlen_k);
 // KV cache: batch b uses its first seqused_k[b] keys (int32 [batch] on the kernels' device).
 void set_seqused_k(FlashParams& p, const at::Tensor& seqused_k);
+// Split-KV forward (CUDA; see FlashParams::num_splits). num_splits > 1: allocates the fp32 workspaces
+// o_accum [num_splits, B, h_out, rows, head_dim] and lse_accum [num_splits, B, h_out, rows] with
+// `options`' device and sets them and num_splits in p; they must live until the forward has run.
+// num_splits <= 1: sets num_splits = 1 (no split) and returns undefined tensors.
+std::tuple<at::Tensor, at::Tensor> set_split_workspaces(FlashParams& p, int64_t num_splits,
+                                                        const at::TensorOptions& options);
 // Compact query gathers (see FlashParams::q_count): q_index [B, h_out, 1, w] int32 (each list
 // ascending in its valid part), q_count [B, h_out] int32 contiguous, no key gather. Sets
 // seqlen_q = w; keys stay [B, Lk, h_kv, D].

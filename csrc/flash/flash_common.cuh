@@ -255,6 +255,22 @@ __device__ __forceinline__ BlockIter listed_blocks(const FlashParams& p, const B
   return it;
 }
 
+// Split-KV: split s of n takes the contiguous share [total * s / n, total * (s + 1) / n) of the
+// blocks `it` visits (shares differ by at most one block; empty when total < n for some s).
+__device__ __forceinline__ BlockIter split_share(BlockIter it, int s, int n) {
+  const int total = it.count();
+  const int lo = int(int64_t(total) * s / n);
+  const int hi = int(int64_t(total) * (s + 1) / n);
+  if (it.list) {
+    it.list += lo;  // at(t) reads list[t]
+    it.begin = 0;
+  } else {
+    it.begin += lo;
+  }
+  it.end = it.begin + (hi - lo);
+  return it;
+}
+
 // Forward: key blocks for query block m_block.
 template <int BM, int BN>
 __device__ __forceinline__ BlockIter fwd_blocks(const FlashParams& p, const MaskCtx& m, const BlockCoord& c,

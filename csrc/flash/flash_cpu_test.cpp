@@ -8,6 +8,7 @@
 
 #include "flash/flash_api.h"
 #include "flash/flash_cpu.h"
+#include "flash/flash_splits.h"
 
 namespace attnkit::flash {
 namespace {
@@ -52,9 +53,19 @@ std::vector<at::Tensor> flash_core_cpu_test(const at::Tensor& q, const at::Tenso
           dbias.defined() ? dbias : empty()};
 }
 
+int64_t num_splits_heuristic_test(int64_t blocks, int64_t key_tiles, int64_t sms) {
+  TORCH_CHECK(sms > 0 && sms <= 1 << 20, "_flash_num_splits_heuristic: sms must be in [1, 2^20], got ", sms);
+  return flash_num_splits_heuristic(blocks, key_tiles, static_cast<int>(sms));
+}
+
 }  // namespace
 }  // namespace attnkit::flash
 
 TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("_flash_core_cpu_test", &attnkit::flash::flash_core_cpu_test);
+}
+
+// No tensor arguments: registered for every backend (the dispatcher's Undefined key included).
+TORCH_LIBRARY_IMPL(attnkit, CompositeExplicitAutograd, m) {
+  m.impl("_flash_num_splits_heuristic", &attnkit::flash::num_splits_heuristic_test);
 }

@@ -1,6 +1,8 @@
 // Flash forward kernel (FlashAttention-2 schedule): one thread block per (query block, output head,
 // batch * segment); 4 warps, 16 query rows each; K/V tiles streamed through shared memory with
 // cp.async (double-buffered when it fits); online softmax in registers; P fed to P.V from registers.
+// Split-KV (FlashParams::num_splits > 1): one block per (split, query block, ...), each over its share
+// of the key blocks, writing fp32 partial results that flash_launch.cu's combine kernel merges.
 #pragma once
 #include "common/cuda_check.h"
 #include "flash/flash.h"
@@ -35,8 +37,13 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   T* sV = sK + Tr::kStages * Tr::kKVElems;
   ColTile<BN>* sCols = reinterpret_cast<ColTile<BN>*>(sV + Tr::kStages * Tr::kKVElems);
 
+  // grid.x: split-major over the query blocks (one split unless split-KV)
+  const int n_splits = p.num_splits > 1 ? p.num_splits : 1;
+  const int n_mblocks = int(gridDim.x) / n_splits;
+  const int split = int(blockIdx.x) / n_mblocks;
+  const int mb = int(blockIdx.x) % n_mblocks;
   // causal: the last query blocks see the most keys; schedule them first for a better tail
-  const int m_block = p.causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int m_block = p.causal ? n_mblocks - 1 - mb : mb;
   const BlockCoord c = make_coord(p, blockIdx.z, blockIdx.y);
   const MaskCtx mctx = make_mask_ctx(p, c);
   const int warp = threadIdx.x >> 5;
@@ -50,7 +57,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   const T* kb = static_cast<const T*>(p.k) + c.b * p.k_batch_stride + c.k_off * p.k_row_stride + c.hk * p.k_head_stride;
   const T* vb = static_cast<const T*>(p.v) + c.b * p.v_batch_stride + c.k_off * p.v_row_stride + c.hk * p.v_head_stride;
 
-  const BlockIter it = fwd_blocks<BM, BN>(p, mctx, c, m_block);
+  BlockIter it = fwd_blocks<BM, BN>(p, mctx, c, m_block);
+  if (n_splits > 1) it = split_share(it, split, n_splits);
   const int n_iter = it.count();
 
   auto load_kv = [&](int t, int stage) {
@@ -132,6 +140,34 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
   cp_async_wait<0>();
   __syncthreads();  // with no key block at all, the Q copies may still be landing in sQ
 
+  if (n_splits > 1) {
+    // split-KV epilogue: this split's O normalised by its own row sums, and its lse, fp32 into the
+    // workspaces (layouts in flash_params.h); no row offsets here (no cu_seqlens_q)
+    const int64_t R = int64_t(p.num_segments) * p.seqlen_q;
+    const int64_t plane = (int64_t(split) * p.batch + c.b) * p.h_out + c.h;  // (split, b, h)
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      float l = row_sum[k];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      const int row = m0 + warp * 16 + (lane >> 2) + 8 * k;
+      if (row < c.rows_q) {
+        const int64_t r = plane * R + int64_t(c.seg) * p.seqlen_q + row;
+        float* oa = p.o_accum + r * p.head_dim;
+#pragma unroll
+        for (int j = 0; j < NT_O; ++j) {
+          const int col = j * 8 + 2 * (lane & 3);
+          if (col < p.head_dim) {  // head_dim is a multiple of 8: both columns or neither
+            *reinterpret_cast<float2*>(oa + col) = make_float2(acc_o[j][2 * k] * inv, acc_o[j][2 * k + 1] * inv);
+          }
+        }
+        if ((lane & 3) == 0) p.lse_accum[r] = l > 0.f ? (row_max[k] + log2f(l)) * kLn2 : -INFINITY;
+      }
+    }
+    return;
+  }
+
   // epilogue: normalise, stage the warp's 16 rows through its slice of sQ, store 16-byte chunks
   T* sO = sQ + warp * 16 * LD;
 #pragma unroll
@@ -169,7 +205,8 @@ __global__ void __launch_bounds__(FwdTraits<T, D>::kThreads) flash_fwd_kernel(co
 template <typename T, int D>
 void launch_flash_fwd(const FlashParams& p, cudaStream_t stream) {
   using Tr = FwdTraits<T, D>;
-  const dim3 grid((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM, p.h_out, p.batch * p.num_segments);
+  const int splits = p.num_splits > 1 ? p.num_splits : 1;
+  const dim3 grid(unsigned((p.seqlen_q + Tr::kBlockM - 1) / Tr::kBlockM * splits), p.h_out, p.batch * p.num_segments);
   if (grid.x == 0 || grid.z == 0 || p.h_out == 0) return;
   auto kernel = &flash_fwd_kernel<T, D>;
   if (Tr::kSmem > 48 * 1024) {

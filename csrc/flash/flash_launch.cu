@@ -1,5 +1,5 @@
 // Dispatch of the flash core over dtype and head dim, plus the two small kernels around the backward
-// (delta = rowsum(dO * O) before it, dq_accum -> dq after it).
+// (delta = rowsum(dO * O) before it, dq_accum -> dq after it) and the split-KV forward's combine.
 #include <c10/util/Exception.h>
 
 #include "common/cuda_check.h"
@@ -7,6 +7,7 @@
 #include "common/mma.cuh"
 #include "common/static_switch.h"
 #include "flash/flash.h"
+#include "flash/flash_splits.h"
 #include "flash/flash_validate.h"
 
 namespace attnkit::flash {
@@ -64,6 +65,78 @@ __global__ void flash_bwd_dq_kernel(const FlashParams p, int64_t rows_per_head) 
   static_cast<T*>(p.dq)[b * p.dq_batch_stride + row * p.dq_row_stride + h * p.dq_head_stride + d] = T(v);
 }
 
+// Split-KV combine: one warp per (batch, output head, row) of segment space. Over the splits s:
+// lse = log sum_s exp(lse_s) (max-shifted) and o = sum_s exp(lse_s - lse) o_s, written in T; a row
+// that no split saw a key of (every lse_s = -inf) gets o = 0 and lse = -inf.
+template <typename T>
+__global__ void flash_fwd_combine_kernel(const FlashParams p, int64_t rows_per_head) {
+  constexpr int kPerLane = kFlashMaxSplits / 32;  // lse_s values each lane reduces
+  constexpr int kCols = 256 / 32;                 // head-dim columns each lane owns (head_dim <= 256)
+  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  const int64_t total = int64_t(p.batch) * p.h_out * rows_per_head;
+  if (wid >= total) return;
+  const int64_t row = wid % rows_per_head;
+  const int h = int((wid / rows_per_head) % p.h_out);
+  const int b = int(wid / (rows_per_head * p.h_out));
+  const int n = p.num_splits;
+  const int64_t split_stride = total;  // lse_accum elements per split; o_accum has head_dim times more
+  const float* ls = p.lse_accum + wid;  // wid is (b * h_out + h) * rows + row: the workspace order
+
+  float l[kPerLane];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int s = lane + 32 * i;
+    l[i] = s < n ? ls[s * split_stride] : -INFINITY;
+    mx = fmaxf(mx, l[i]);
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, off));
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) sum += l[i] == -INFINITY ? 0.f : expf(l[i] - mx);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, off);
+  const float lse = mx == -INFINITY ? -INFINITY : mx + logf(sum);
+  if (lane == 0) p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row] = lse;
+
+  float acc[kCols];
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) acc[i] = 0.f;
+  const float* oa = p.o_accum + wid * p.head_dim;
+  for (int s = 0; s < n; ++s) {
+    const float lse_s = ls[s * split_stride];
+    if (lse_s == -INFINITY) continue;  // no key in this split (also every split when lse = -inf)
+    const float w = expf(lse_s - lse);
+    const float* src = oa + s * split_stride * p.head_dim;
+#pragma unroll
+    for (int i = 0; i < kCols; ++i) {
+      const int d = lane + 32 * i;
+      if (d < p.head_dim) acc[i] += w * src[d];
+    }
+  }
+  T* o = static_cast<T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
+#pragma unroll
+  for (int i = 0; i < kCols; ++i) {
+    const int d = lane + 32 * i;
+    if (d < p.head_dim) o[d] = T(acc[i]);
+  }
+}
+
+template <typename T>
+void run_fwd(const FlashParams& p, cudaStream_t stream) {
+  ATTNKIT_HEADDIM_SWITCH(p.head_dim, kD, [&] { run_flash_fwd<T, kD>(p, stream); });
+  if (p.num_splits <= 1) return;
+  const int64_t rows = int64_t(p.num_segments) * p.seqlen_q;
+  const int64_t warps = int64_t(p.batch) * p.h_out * rows;
+  if (warps > 0) {
+    const int64_t blocks = (warps * 32 + 127) / 128;
+    ATTNKIT_LAUNCH_KERNEL(flash_fwd_combine_kernel<T>, dim3(unsigned(blocks)), 128, 0, stream, p, rows);
+    ATTNKIT_LAUNCH_CHECK();
+  }
+}
+
 template <typename T>
 void run_bwd(const FlashParams& p, cudaStream_t stream) {
   // Packed queries (cu_seqlens_q): the row-wise epilogues see one batch of total_q rows (the batch
@@ -105,9 +178,28 @@ void flash_fwd(const FlashParams& params_in, cudaStream_t stream) {
               params.head_dim);
   TORCH_CHECK(params.dtype == ElemType::kFloat16 || params.dtype == ElemType::kBFloat16,
               "flash core (CUDA): q, k, v must be float16 or bfloat16");
-  ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] {
-    ATTNKIT_HEADDIM_SWITCH(params.head_dim, kD, [&] { run_flash_fwd<T, kD>(params, stream); });
-  });
+  ATTNKIT_FP16_SWITCH(params.dtype == ElemType::kBFloat16, T, [&] { run_fwd<T>(params, stream); });
+}
+
+int flash_fwd_num_splits(const FlashParams& p, int64_t max_keys, int64_t requested) {
+  TORCH_CHECK(requested >= 0, "num_splits must be >= 0 (0: automatic), got ", requested);
+  int64_t tiles = (std::max<int64_t>(max_keys, 0) + kFwdBlockN - 1) / kFwdBlockN;
+  const bool gathers = p.q_index || p.k_index;
+  const int64_t wr = p.causal ? 0 : p.window_right;  // causal: nothing right of the diagonal
+  if (!gathers && p.window_left >= 0 && wr >= 0) {
+    // a query block's keys span at most window_left + kFwdBlockM + wr columns, over one more block
+    // than they fill when unaligned
+    tiles = std::min(tiles, (int64_t(p.window_left) + kFwdBlockM + wr + kFwdBlockN - 1) / kFwdBlockN + 1);
+  }
+  const int64_t cap = std::min<int64_t>(tiles, kFlashMaxSplits);
+  if (cap <= 1) return 1;
+  if (requested > 0) return int(std::min(requested, cap));
+  int dev = 0, sms = 0;
+  ATTNKIT_CUDA_CHECK(cudaGetDevice(&dev));
+  ATTNKIT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t blocks =
+      int64_t(p.batch) * p.num_segments * p.h_out * ((int64_t(p.seqlen_q) + kFwdBlockM - 1) / kFwdBlockM);
+  return std::max(1, std::min(int(cap), flash_num_splits_heuristic(blocks, tiles, sms)));
 }
 
 void flash_bwd(const FlashParams& params_in, cudaStream_t stream) {

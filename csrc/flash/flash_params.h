@@ -150,6 +150,24 @@ struct FlashParams {
   const int* cu_seqlens_k;
   const int* seqused_k;
   int total_q;
+
+  // ---- split-KV forward (flash-decoding), CUDA only; the CPU core ignores it ----
+  // num_splits <= 1 (0 after make_params): one pass over the key blocks, writing o and lse.
+  // num_splits > 1 (at most kFlashMaxSplits, flash_splits.h): the grid's x dimension runs over
+  // num_splits * ceil(seqlen_q / kFwdBlockM) blocks; split s of a query block visits only the
+  // contiguous share [n * s / num_splits, n * (s + 1) / num_splits) of the n key blocks the unsplit
+  // block would visit (after the causal / window bounds, seqused_k and tile lists; a share can be
+  // empty). It writes its partial O, normalised by its own row sums, and its lse (-inf without keys),
+  // both fp32, into the workspaces below; a combine kernel then writes o (dtype of q) and lse:
+  // lse = log sum_s exp(lse_s), o = sum_s exp(lse_s - lse) o_s (o = 0, lse = -inf for a row no split
+  // saw a key of). Rows are segment-space rows r (as lse). Not combinable with cu_seqlens_q or
+  // q_count (check_flash_params). Layouts, contiguous, R = num_segments * seqlen_q:
+  //   o_accum   [num_splits][batch][h_out][R][head_dim]: element (s, b, h, r, d) at
+  //             (((s * batch + b) * h_out + h) * R + r) * head_dim + d
+  //   lse_accum [num_splits][batch][h_out][R]: element (s, b, h, r) at ((s * batch + b) * h_out + h) * R + r
+  int num_splits;
+  float* o_accum;
+  float* lse_accum;
 };
 
 }  // namespace attnkit::flash

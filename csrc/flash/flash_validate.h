@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "flash/flash_params.h"
+#include "flash/flash_splits.h"
 
 namespace attnkit::flash {
 
@@ -47,6 +48,12 @@ inline void check_flash_params(const FlashParams& p) {
   TORCH_CHECK((!p.cu_seqlens_q && !p.cu_seqlens_k && !p.seqused_k) ||
                   (p.num_segments == 1 && !p.bias && !p.row_thr && !p.active_list && !p.q_index && !p.k_index),
               "flash core: per-batch lengths cannot be combined with segments, bias, row thresholds or tile lists");
+  TORCH_CHECK(p.num_splits <= 1 || (p.num_splits <= kFlashMaxSplits && p.o_accum && p.lse_accum),
+              "flash core: num_splits > 1 needs num_splits <= ", kFlashMaxSplits,
+              " and the o_accum / lse_accum workspaces (got num_splits = ", p.num_splits, ")");
+  // every row of the workspaces must be written by each split: no rows left out per batch or head
+  TORCH_CHECK(p.num_splits <= 1 || (!p.cu_seqlens_q && !p.q_count),
+              "flash core: split-KV (num_splits > 1) cannot be combined with cu_seqlens_q or q_count");
   if (p.dbias) {
     TORCH_CHECK(p.bias, "flash core: dbias needs a bias");
     if (p.bias_row_stride != 0) {

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "flash/flash.h"
@@ -114,8 +115,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sqa_varlen_bwd_cuda(
   return {dq, dk, dv};
 }
 
-// KV cache: the append, then one forward launch whose batch b sees its first cache_seqlens[b] + Lnew
-// keys (seqused_k).
+// KV cache: the append, then the forward whose batch b sees its first cache_seqlens[b] + Lnew keys
+// (seqused_k), split over the keys (split-KV + combine) when num_splits asks for it or, with 0, when
+// the unsplit grid would leave most SMs idle (flash_fwd_num_splits).
 std::tuple<at::Tensor, at::Tensor> sqa_kvcache_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const std::optional<at::Tensor>& k,
                                                         const std::optional<at::Tensor>& v,
@@ -129,6 +131,9 @@ std::tuple<at::Tensor, at::Tensor> sqa_kvcache_fwd_cuda(const at::Tensor& q_in, 
   const at::Tensor used = (cache_seqlens + lnew).to(at::kInt).contiguous();
   auto [p, out, lse] = fwd_setup(q, kc, vc, causal, scale, window_left, window_right);
   flash::set_seqused_k(p, used);
+  const int64_t max_keys = cs.empty() ? 0 : *std::max_element(cs.begin(), cs.end()) + lnew;
+  const int splits = flash::flash_fwd_num_splits(p, max_keys, num_splits);
+  const auto workspaces = flash::set_split_workspaces(p, splits, q.options());
   flash::flash_fwd(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};

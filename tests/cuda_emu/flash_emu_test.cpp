@@ -737,6 +737,123 @@ std::vector<Case> cases() {
   return v;
 }
 
+// ---- split-KV forward (FlashParams::num_splits > 1) on a KV cache (seqused_k per batch row) ----
+struct SplitCase {
+  std::string name;
+  int B, Lq, Lk, hq, hkv, D;  // Lk: cache rows
+  int splits;
+  std::vector<int> used;  // seqused_k per batch row
+  bool causal = false;
+  int window = -1, window_right = -1;
+};
+
+// Oracle: the CPU core (float64, and at the dtype for the rule's eager error) one batch row at a
+// time over its used keys, writing into the full-batch outputs of r.
+void cpu_per_batch(Run& r, const Inputs& in, const std::vector<int>& used) {
+  const FlashParams full = r.p;
+  const int es = r.t == ElemType::kFloat64 ? 8 : 2;
+  for (int b = 0; b < in.c.B; ++b) {
+    FlashParams p = full;
+    p.batch = 1;
+    p.seqlen_k = used[b];
+    p.q = static_cast<const unsigned char*>(full.q) + int64_t(b) * full.q_batch_stride * es;
+    p.k = static_cast<const unsigned char*>(full.k) + int64_t(b) * full.k_batch_stride * es;
+    p.v = static_cast<const unsigned char*>(full.v) + int64_t(b) * full.v_batch_stride * es;
+    p.o = static_cast<unsigned char*>(full.o) + int64_t(b) * full.o_batch_stride * es;
+    p.lse = full.lse + int64_t(b) * full.lse_batch_stride;
+    flash_fwd_cpu(p);
+  }
+}
+
+bool run_split_case(const SplitCase& sc, ElemType t) {
+  const std::string cname = sc.name + (t == ElemType::kFloat16 ? " fp16" : " bf16");
+  const auto t0 = std::chrono::steady_clock::now();
+  Case c{sc.name, sc.B, 1, sc.Lq, sc.Lk, sc.hq, sc.hkv, sc.D};
+  c.causal = sc.causal;
+  c.window = sc.window;
+  c.window_right = sc.window_right;
+  const Inputs in = make_inputs(c, t, 4321 + std::hash<std::string>{}(sc.name) % 1000);
+  const double rel = t == ElemType::kFloat16 ? 2e-3 : 1.6e-2;
+  Run ref, cpu, emu;
+  setup(ref, in, ElemType::kFloat64, true);
+  setup(cpu, in, t, true);
+  setup(emu, in, t, true);
+  cpu_per_batch(ref, in, sc.used);
+  cpu_per_batch(cpu, in, sc.used);
+
+  std::vector<int> used = sc.used;
+  emu.p.seqused_k = used.data();
+  // workspaces of exactly their size, NaN-filled: a value read but never written shows
+  const size_t rows = size_t(sc.B) * in.hout * sc.Lq;
+  std::vector<float> o_accum(size_t(std::max(sc.splits, 1)) * rows * sc.D, NAN);
+  std::vector<float> lse_accum(size_t(std::max(sc.splits, 1)) * rows, NAN);
+  emu.p.num_splits = sc.splits;
+  emu.p.o_accum = o_accum.data();
+  emu.p.lse_accum = lse_accum.data();
+  emu::watch(emu.o.ptr(), emu.o.bytes.size(), "o");
+  emu::watch(emu.lse.data(), emu.lse.size() * 4, "lse");
+  if (sc.splits > 1) {
+    emu::watch(o_accum.data(), o_accum.size() * 4, "o_accum");
+    emu::watch(lse_accum.data(), lse_accum.size() * 4, "lse_accum");
+  }
+  flash_fwd(emu.p, nullptr);
+  emu::unwatch_all();
+  bool ok = cmp_tensor("o", cname, emu.o, ref.o, cpu.o, in.lo, t, rel);
+  ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
+  // rows without a key: exactly o = 0 and lse = -inf
+  size_t empty_rows = 0, bad_empty = 0;
+  for (int b = 0; b < sc.B; ++b)
+    for (int h = 0; h < in.hout; ++h)
+      for (int i = 0; i < sc.Lq; ++i) {
+        const size_t li = (size_t(b) * in.hout + h) * sc.Lq + i;
+        if (!std::isinf(ref.lse[li])) continue;
+        ++empty_rows;
+        bool row_ok = emu.lse[li] == -INFINITY;
+        for (int d = 0; d < sc.D; ++d) row_ok &= get(emu.o, in.lo.at(b, i, h, d), t) == 0.0;
+        if (!row_ok) ++bad_empty;
+      }
+  if (bad_empty) std::printf("  FAIL %s: %zu of %zu rows without keys are not o = 0, lse = -inf\n", cname.c_str(), bad_empty, empty_rows);
+  ok &= bad_empty == 0;
+  std::printf("%s %s (%zu rows without keys, %.1fs)\n", ok ? "ok  " : "FAIL", cname.c_str(), empty_rows, secs_since(t0));
+  std::fflush(stdout);
+  if (!ok) ++g_failures;
+  return ok;
+}
+
+std::vector<SplitCase> split_cases() {
+  std::vector<SplitCase> v;
+  // num_splits 1 on the same path: the unsplit kernel with seqused_k, for comparison
+  v.push_back({"split1 d64 Lq1 gqa4 seqused", 3, 1, 300, 8, 2, 64, 1, {300, 0, 1}});
+  v.push_back({"split2 d64 Lq1 gqa4 seqused", 3, 1, 300, 8, 2, 64, 2, {300, 0, 1}});
+  {
+    SplitCase c{"split3 d128 Lq4 gqa4 causal seqused", 3, 4, 320, 4, 1, 128, 3, {257, 1, 190}};
+    c.causal = true;
+    v.push_back(c);
+  }
+  {
+    SplitCase c{"split7 d64 Lq4 gqa4 causal window", 2, 4, 400, 4, 1, 64, 7, {400, 130}};
+    c.causal = true;
+    c.window = 100;
+    v.push_back(c);
+  }
+  {
+    SplitCase c{"split3 d64 Lq4 window both sides", 3, 4, 260, 4, 1, 64, 3, {0, 1, 250}};
+    c.window = 50;
+    c.window_right = 10;
+    v.push_back(c);
+  }
+  // more splits than the 4 key blocks: most splits are empty
+  v.push_back({"split9>tiles d128 Lq1 gqa4", 2, 1, 200, 4, 1, 128, 9, {200, 0}});
+  {
+    SplitCase c{"split7 d128 Lq1 causal gqa4", 2, 1, 450, 8, 2, 128, 7, {450, 65}};
+    c.causal = true;
+    v.push_back(c);
+  }
+  // the largest split count, over 3 key blocks
+  v.push_back({"split128 d64 Lq1", 1, 1, 130, 1, 1, 64, 128, {130}});
+  return v;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -751,6 +868,14 @@ int main(int argc, char** argv) {
     for (ElemType t : {ElemType::kFloat16, ElemType::kBFloat16}) {
       if (dtypes.find(t == ElemType::kFloat16 ? "fp16" : "bf16") == std::string::npos) continue;
       run_case(c, t);
+      ++n;
+    }
+  }
+  for (const SplitCase& c : split_cases()) {
+    if (!filter.empty() && c.name.find(filter) == std::string::npos) continue;
+    for (ElemType t : {ElemType::kFloat16, ElemType::kBFloat16}) {
+      if (dtypes.find(t == ElemType::kFloat16 ? "fp16" : "bf16") == std::string::npos) continue;
+      run_split_case(c, t);
       ++n;
     }
   }

@@ -270,8 +270,12 @@ def sparse_query_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, 
             append. ``cache_seqlens[b] + Lnew`` must fit in ``Lmax`` (else a ``RuntimeError``).
         causal, scale, window_size: as :func:`sparse_query_attention`, with ``Lk = cache_seqlens[b] + Lnew``
             per batch row (query row ``i`` sits at key position ``Lk - Lq + i``).
-        num_splits: split-KV chunk count hint for CUDA (0: automatic). The current CUDA path runs one
-            block per (query block, head, batch) and does not split the keys; the value is validated.
+        num_splits: split-KV (flash-decoding) on CUDA: the keys of each (batch row, head, query block)
+            are split into this many contiguous chunks run by separate thread blocks, whose partial
+            results are merged through their log-sum-exp. 0 (default): automatic, splitting only when
+            the unsplit grid would leave most of the GPU's SMs idle (small batch, few query rows, long
+            cache); 1: no split; larger values are clamped to the number of 64-key blocks (and to 128).
+            The CPU path ignores it. Results of different values agree up to rounding.
 
     Returns:
         ``out`` ``[B, Lq, H, D]`` (``H = max(Hq, Hkv)``), or ``(out, lse)`` with lse ``[B, H, Lq]`` fp32.
