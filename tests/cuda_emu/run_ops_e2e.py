@@ -190,8 +190,9 @@ def check_sqa_varlen(dtype, lq, lk, Hq, Hkv, D, causal, window, deterministic):
         assert_close_fa(a, r, r.to(dtype), ATOL_BWD[dtype] * max(1.0, r.abs().max().item()), name)
 
 
-def check_sqa_kvcache(dtype, B, Lq, Lnew, Lmax, cs, Hq, Hkv, D, causal, window):
-    """Append in place + attention over cache_seqlens[b] + Lnew keys per batch row (seqused_k)."""
+def check_sqa_kvcache(dtype, B, Lq, Lnew, Lmax, cs, Hq, Hkv, D, causal, window, num_splits=0):
+    """Append in place + attention over cache_seqlens[b] + Lnew keys per batch row (seqused_k); split-KV
+    (num_splits > 1, or 0 where the heuristic splits on the emulator's 132 SMs) and combine."""
     g = torch.Generator().manual_seed(Lmax + D + Lq)
     q = torch.randn(B, Lq, Hq, D, generator=g).to(dtype)
     kc = torch.randn(B, Lmax, Hkv, D, generator=g).to(dtype)
@@ -201,7 +202,9 @@ def check_sqa_kvcache(dtype, B, Lq, Lnew, Lmax, cs, Hq, Hkv, D, causal, window):
     seqlens = torch.tensor(cs, dtype=torch.int32)
     ref, kc_ref, vc_ref, ref_lse = reference.sqa_kvcache_reference(q.double(), kc, vc, k, v, seqlens, causal=causal,
                                                                    window_size=window, return_lse=True)
-    out, lse = emu.sqa_kvcache_fwd(q, kc, vc, k, v, seqlens, causal, D**-0.5, *window, 0)
+    out, lse = emu.sqa_kvcache_fwd(q, kc, vc, k, v, seqlens, causal, D**-0.5, *window, num_splits)
+    assert not out.isnan().any(), "NaN in out"
+    assert (out[lse.isinf().transpose(1, 2)] == 0).all(), "rows without keys: o = 0"
     assert_close_fa(out, ref, ref.to(dtype), ATOL_FWD[dtype], "out")
     torch.testing.assert_close(lse, ref_lse.float(), atol=1e-4, rtol=1e-5)
     assert torch.equal(kc.double(), kc_ref) and torch.equal(vc.double(), vc_ref), "cache append"
@@ -224,6 +227,11 @@ if only in ("", "sqa", "sqa-api"):
         for shape in [
             (3, 1, 1, 140, [0, 77, 130], 4, 2, 64, True, (-1, -1)),
             (2, 4, 2, 90, [10, 70], 1, 2, 80, True, (16, -1)),
+            # split-KV: 0 = heuristic (6 blocks on 132 SMs: splits over the 3 key blocks), 1000 is
+            # clamped to the key blocks; GQA 4:1, batch rows of 1 key (Lq = 4: three query rows without keys)
+            (3, 1, 1, 140, [0, 77, 130], 4, 1, 64, True, (-1, -1), 3),
+            (2, 4, 1, 200, [0, 150], 8, 2, 128, True, (-1, -1), 0),
+            (2, 4, 0, 200, [1, 180], 4, 1, 64, False, (30, 0), 1000),
         ]:
             run(f"sqa kvcache {str(dt):15s} {shape}", check_sqa_kvcache, dt, *shape)
 
