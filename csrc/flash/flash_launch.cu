@@ -163,6 +163,8 @@ FlashParams prepare(const FlashParams& params) {
   check_flash_params(params);
   TORCH_CHECK(int64_t(params.batch) * params.num_segments <= 65535,
               "flash core (CUDA): batch * segments must be at most 65535, got ", int64_t(params.batch) * params.num_segments);
+  TORCH_CHECK((int64_t(params.seqlen_q) + kFwdBlockM - 1) / kFwdBlockM * std::max(1, params.num_splits) <= 0x7fffffff,
+              "flash core (CUDA): query blocks * num_splits must fit the grid's x dimension");
   FlashParams p = params;
   // keep the block-range arithmetic of an effectively unlimited window inside int
   if (!p.q_index && !p.k_index && p.window_left > p.seqlen_q + p.seqlen_k) p.window_left = p.seqlen_q + p.seqlen_k;
