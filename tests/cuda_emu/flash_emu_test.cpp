@@ -521,6 +521,26 @@ bool run_case(const Case& c, ElemType t) {
     ok &= cmp_floats("lse", cname, emu.lse, ref.lse, cpu.lse, 1e-4);
   }
 
+  if (c.list || c.gather) {
+    // split-KV forward over tile lists (kept predicate, bias) or gathered segments: 3 splits of each
+    // query block's list or range, combined; a separate run so the backward below uses the unsplit o
+    Run sp;
+    setup(sp, in, t, true);
+    const size_t rows = size_t(c.B) * in.hout * c.S * c.Lq;
+    std::vector<float> o_accum(3 * rows * c.D, NAN), lse_accum(3 * rows, NAN);
+    sp.p.num_splits = 3;
+    sp.p.o_accum = o_accum.data();
+    sp.p.lse_accum = lse_accum.data();
+    emu::watch(sp.o.ptr(), sp.o.bytes.size(), "o");
+    emu::watch(sp.lse.data(), sp.lse.size() * 4, "lse");
+    emu::watch(o_accum.data(), o_accum.size() * 4, "o_accum");
+    emu::watch(lse_accum.data(), lse_accum.size() * 4, "lse_accum");
+    flash_fwd(sp.p, nullptr);
+    emu::unwatch_all();
+    ok &= cmp_tensor("o", cname + " [3 key splits]", sp.o, ref.o, cpu.o, in.lo, t, rel);
+    ok &= cmp_floats("lse", cname + " [3 key splits]", sp.lse, ref.lse, cpu.lse, 1e-4);
+  }
+
   // backward from each one's own forward; atomic dq, then the deterministic split dq
   for (Run* r : {&ref, &cpu, &emu}) {
     if (c.list) {
