@@ -488,3 +488,17 @@ def test_cpu_targets_speed_and_thread_rows(monkeypatch):
         assert scale["verdict"] == "not run"
     md = T.render(rows)
     assert md.count("\n| ") == len(rows) + 1 and ">= 0.00x" in md and "<= 0.60x" in md
+
+
+def test_decode_case_reports_bandwidth():
+    from attnkit.bench.cases.sqa_decode import decode_case
+    from attnkit.bench.report import table_rows
+
+    case = decode_case(B=2, Lk=96, Hq=4, Hkv=2, D=16, dtype=torch.float32, device="cpu")
+    res = Runner("cpu", FAST).run_case(case)
+    op = res.op_result
+    assert op.gate == "PASS" and op.ms
+    assert op.gbps == pytest.approx(2 * 2 * 96 * 2 * 16 * 4 / (op.ms * 1e-3) / 1e9)
+    doc = {"cases": [res.to_json()]}
+    row = next(r for r in table_rows(doc)["sqa-decode"] if r and r[4] == "attnkit")
+    assert row[10] == f"{op.gbps:.0f}"

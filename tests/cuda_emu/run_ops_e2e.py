@@ -30,7 +30,7 @@ from attnkit import reference  # noqa: E402
 
 # EMU_SANITIZE=1 (tests/cuda_emu/sanitize.sh): AddressSanitizer + UBSan build, run with libasan preloaded
 sanitize = os.environ.get("EMU_SANITIZE") == "1"
-san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g"]
+san_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-g1"]  # line tables: file:line in reports
 t0 = time.time()
 load(
     name="attnkit_ops_emu_san" if sanitize else "attnkit_ops_emu",

@@ -78,7 +78,7 @@ build_flash() {
   local torch_dir abi common
   torch_dir="$("$py" -c 'import os, torch; print(os.path.dirname(torch.__file__))')" || return 1
   abi="$("$py" -c 'import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))')" || return 1
-  common=(-std=c++20 -g -pthread -D_GLIBCXX_USE_CXX11_ABI="$abi" -I"$root/csrc" -isystem "$torch_dir/include")
+  common=(-std=c++20 -g1 -pthread -D_GLIBCXX_USE_CXX11_ABI="$abi" -I"$root/csrc" -isystem "$torch_dir/include")
   # the oracle (CPU core) is not instrumented
   if [[ ! -f "$out/flash_cpu.o" || "$root/csrc/flash/flash_cpu.cpp" -nt "$out/flash_cpu.o" ]]; then
     "$cxx" "${common[@]}" -O2 -c "$root/csrc/flash/flash_cpu.cpp" -o "$out/flash_cpu.o" || return 1
@@ -90,7 +90,7 @@ build_flash() {
 }
 
 build_lightning() {
-  "$cxx" -std=c++20 -O1 -g -pthread "${san[@]}" -Wno-unknown-pragmas -I"$here/cuda_include" -I"$root/csrc" \
+  "$cxx" -std=c++20 -O1 -g1 -pthread "${san[@]}" -Wno-unknown-pragmas -I"$here/cuda_include" -I"$root/csrc" \
     -I"$here" "$here/lightning_emu_test.cpp" -o "$out/lightning_emu_test"
 }
 
@@ -105,7 +105,7 @@ built() {  # built NAME STATUS
 
 # the checkers themselves, on tiny kernels: each must see its planted bug
 if want selftest; then
-  "$cxx" -std=c++20 -O1 -g -pthread "${san[@]}" -I"$here/cuda_include" -I"$root/csrc" -I"$here" \
+  "$cxx" -std=c++20 -O1 -g1 -pthread "${san[@]}" -I"$here/cuda_include" -I"$root/csrc" -I"$here" \
     "$here/emu_selftest.cpp" -o "$out/emu_selftest"
   if built selftest $?; then
     for sched in warps warps-rev; do

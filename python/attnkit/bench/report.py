@@ -135,7 +135,7 @@ def load_json(path) -> dict:
 # tables
 # ----------------------------------------------------------------------------------------------
 
-COLUMNS = ["case", "L", "B", "mode", "impl", "gate", "ms", "IQR", "TFLOP/s", "dense-eq TFLOP/s", "peak MiB",
+COLUMNS = ["case", "L", "B", "mode", "impl", "gate", "ms", "IQR", "TFLOP/s", "dense-eq TFLOP/s", "GB/s", "peak MiB",
            "attnkit speedup", "note"]
 
 OP_TITLES = {"sqa": "Sparse Query Attention", "dma": "Dynamic Mask Attention", "lightning": "Lightning attention",
@@ -184,6 +184,7 @@ def table_rows(doc: dict) -> dict[str, list[list[str]]]:
                 iqr,
                 _tf(r["tflops"]),
                 _tf(r["dense_tflops"]),
+                _f(r.get("gbps"), "{:.0f}"),
                 _f(r["peak_mib"], "{:.0f}"),
                 sp,
                 note if len(note) <= 70 else note[:67] + "...",
@@ -253,7 +254,7 @@ def print_tables(doc: dict, console=None) -> None:
         t = Table(title=_title(doc, op), box=box.SIMPLE_HEAVY, show_lines=False)
         for col in COLUMNS:
             t.add_column(col, justify="right" if col in ("L", "B", "ms", "IQR", "TFLOP/s", "dense-eq TFLOP/s",
-                                                          "peak MiB") else "left",
+                                                          "GB/s", "peak MiB") else "left",
                          overflow="fold", no_wrap=col not in ("note",))
         for i, row in enumerate(rows):
             if not row:

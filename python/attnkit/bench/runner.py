@@ -55,6 +55,7 @@ class ImplResult:
     peak_bytes: int | None = None
     tflops: float | None = None
     dense_tflops: float | None = None
+    gbps: float | None = None  # bytes the case must move (params["kv_bytes"]) / time, when it says
     speedup: float | None = None  # for attnkit: vs the fastest baseline; for a baseline: its ms / attnkit ms
     speedup_vs: str | None = None
 
@@ -73,6 +74,7 @@ class ImplResult:
             "gate_detail": self.gate_detail,
             "tflops": self.tflops,
             "dense_tflops": self.dense_tflops,
+            "gbps": self.gbps,
             "peak_mib": None if self.peak_bytes is None else self.peak_bytes / 2 ** 20,
             "speedup": self.speedup,
             "speedup_vs": self.speedup_vs,
@@ -407,6 +409,8 @@ class Runner:
                 r.tflops = own / (ms * 1e-3) / 1e12
             if cr.dense_flops:
                 r.dense_tflops = cr.dense_flops / (ms * 1e-3) / 1e12
+            if case.params.get("kv_bytes"):
+                r.gbps = case.params["kv_bytes"] / (ms * 1e-3) / 1e9
         op = cr.op_result
         if op is None or op.ms is None:
             return
