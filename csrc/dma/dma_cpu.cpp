@@ -13,6 +13,7 @@
 //      entirely is active for the query block [i0, i1] iff its smallest rank <= prank[i0].
 #include <ATen/Parallel.h>
 #include <torch/all.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <algorithm>
 #include <cmath>
@@ -269,4 +270,10 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("masked_bias_fwd", &attnkit::dma::masked_bias_fwd_cpu);
   m.impl("masked_bias_bwd", &attnkit::dma::masked_bias_bwd_cpu);
   m.impl("dma_kvcache_fwd", &attnkit::dma::dma_kvcache_fwd_cpu);
+}
+
+// dma_kvcache_fwd has no derivative: a backward through its outputs raises "the derivative for
+// attnkit::dma_kvcache_fwd is not implemented" instead of silently treating it as a constant.
+TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
+  m.impl("dma_kvcache_fwd", torch::autograd::autogradNotImplementedFallback());
 }
