@@ -151,6 +151,7 @@ def test_dma_select_seqused_k(causal):
     bias = (torch.randn(B, H, lk, generator=g) * 2).round().div(2)
     used = torch.tensor([0, 90, 200], dtype=torch.int32)
     thr, tie, fl, fc, bl, bc = torch.ops.attnkit.dma_select(bias, keep, lq, causal, used)
+    torch.library.opcheck(torch.ops.attnkit.dma_select.default, (bias, keep, lq, causal, used))
     for b in range(B):
         n = int(used[b])
         t1, e1, f1, c1, b1, d1 = torch.ops.attnkit.dma_select(bias[b:b + 1, :, :n].contiguous(), keep, lq, causal)

@@ -267,7 +267,8 @@ std::tuple<at::Tensor, at::Tensor> dma_kvcache_fwd_cuda(const at::Tensor& q_in, 
   for (int c : cs) lk = std::max<int64_t>(lk, c + lnew);
   const at::Tensor used = (cache_seqlens + lnew).to(at::kInt).contiguous();
   const at::Tensor q = flash::cuda_aligned(q_in);
-  const at::Tensor kc = flash::cuda_aligned(k_cache.narrow(1, 0, lk)), vc = flash::cuda_aligned(v_cache.narrow(1, 0, lk));
+  const at::Tensor kc = flash::cuda_aligned(k_cache.narrow(1, 0, lk));
+  const at::Tensor vc = flash::cuda_aligned(v_cache.narrow(1, 0, lk));
   const at::Tensor bias32 = bias_cache.narrow(2, 0, lk).to(at::kFloat).contiguous();
   const auto sel = select_all(bias32, keep, q.size(1), causal, &used);
   flash::FlashParams p = flash::make_params(q, kc, vc, scale, causal);
