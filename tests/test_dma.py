@@ -389,6 +389,22 @@ def test_masked_bias_row_bias_as_stride0_expand(device):
     assert grads[1][:, :, 1:].abs().sum() > 0  # rows other than the first carry gradient
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_bias_no_query_rows(device):
+    """Lq = 0 with a per-row mask and bias of zero rows: empty output, gradients of the right shapes
+    (zero for k, v, since no query reads them)."""
+    q = torch.randn(2, 0, HQ, 16, device=device, requires_grad=True)
+    k = torch.randn(2, LK, HKV, 16, device=device, requires_grad=True)
+    v = torch.randn(2, LK, HKV, 16, device=device, requires_grad=True)
+    mask = torch.ones(2, HQ, 0, LK, dtype=torch.bool, device=device)
+    bias = torch.randn(2, HQ, 0, LK, device=device, requires_grad=True)
+    out = attnkit.masked_bias_attention(q, k, v, attn_mask=mask, attn_bias=bias, causal=True)
+    assert out.shape == (2, 0, max(HQ, HKV), 16)
+    gq, gk, gv, gb = torch.autograd.grad(out.sum() + (k.sum() + v.sum()) * 0, (q, k, v, bias), allow_unused=True)
+    assert gq.shape == q.shape and gb.shape == bias.shape
+    assert gk.abs().max().item() == 0 and gv.abs().max().item() == 0
+
+
 @pytest.mark.parametrize("device", [pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"))])
 def test_misaligned_inputs(device):
     """q, k, v, dout whose data pointers are not 16-byte aligned (the core copies 16-byte chunks)."""

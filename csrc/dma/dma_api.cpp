@@ -240,7 +240,7 @@ CoreBias make_core_bias(const at::Tensor& q, const at::Tensor& k, const std::opt
   bool rowwise = false, heads_kv = true;
   for (const auto* t : {&m4, &b4}) {
     if (!t->has_value()) continue;
-    if (lq > 1 && (*t)->size(2) == lq) rowwise = true;
+    if ((lq > 1 || lq == 0) && (*t)->size(2) == lq) rowwise = true;  // lq == 0: zero rows, kept as such
     if ((*t)->size(1) != 1 && (*t)->size(1) != hkv) heads_kv = false;
   }
   const int64_t hd = (!rowwise && heads_kv) ? hkv : hout;

@@ -360,6 +360,30 @@ struct KeyTile {
   int64_t col(int c) const { return cols ? int64_t(cols[c]) : j0 + c; }
 };
 
+// GEMM operands of a key tile's K and V rows: read in place when the inputs already have the
+// accumulation type and the tile's rows are evenly spaced in memory, else converted into Kb / Vb.
+template <typename A>
+struct KVOperands {
+  const A* K;
+  const A* V;
+  int64_t ldk, ldv;
+};
+template <typename T, typename A>
+KVOperands<A> kv_operands(const HeadCtx<T>& ctx, const KeyTile& tile, int D, A* Kb, A* Vb) {
+  const FlashParams& p = *ctx.p;
+  if constexpr (std::is_same_v<T, A>) {
+    if (!tile.cols && !ctx.kidx) {
+      const int64_t r0 = ctx.krow(tile.j0);
+      return {reinterpret_cast<const A*>(ctx.k) + r0 * p.k_row_stride,
+              reinterpret_cast<const A*>(ctx.v) + r0 * p.v_row_stride, p.k_row_stride, p.v_row_stride};
+    }
+  }
+  auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
+  load_rows(Kb, ctx.k, p.k_row_stride, tile.n, D, kr);
+  load_rows(Vb, ctx.v, p.v_row_stride, tile.n, D, kr);
+  return {Kb, Vb, D, D};
+}
+
 // Calls fn(tile) for the key tiles that query rows [i0, i0 + m) of ctx must visit, in ascending key
 // order. cols is scratch for gathered tiles.
 template <typename T, typename Fn>
@@ -539,18 +563,7 @@ void fwd_impl(const FlashParams& p) {
 
         for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
           const int n = tile.n;
-          auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
-          const A *Kp = w.K.data(), *Vp = w.V.data();
-          int64_t ldk = D, ldv = D;
-          if (kInPlace && !tile.cols && !ctx.kidx) {
-            Kp = reinterpret_cast<const A*>(ctx.k) + ctx.krow(tile.j0) * p.k_row_stride;
-            Vp = reinterpret_cast<const A*>(ctx.v) + ctx.krow(tile.j0) * p.v_row_stride;
-            ldk = p.k_row_stride;
-            ldv = p.v_row_stride;
-          } else {
-            load_rows(w.K.data(), ctx.k, p.k_row_stride, n, D, kr);
-            load_rows(w.V.data(), ctx.v, p.v_row_stride, n, D, kr);
-          }
+          const auto [Kp, Vp, ldk, ldv] = kv_operands(ctx, tile, D, w.K.data(), w.V.data());
           cpu::gemm(false, true, m, n, D, Qp, ldq, Kp, ldk, S, kBlockN, false, fast);  // S = Q K^T
           finish_scores(ctx, i0, m, tile, S, static_cast<uint8_t*>(nullptr));
           for (int r = 0; r < m; ++r) {
@@ -705,18 +718,7 @@ void bwd_impl(const FlashParams& p) {
 
           for_each_key_tile(ctx, i0, m, w.cols, [&](const KeyTile& tile) {
             const int n = tile.n;
-            auto kr = [&](int c) { return ctx.krow(tile.col(c)); };
-            const A *Kp = w.K.data(), *Vp = w.V.data();
-            int64_t ldk = D, ldv = D;
-            if (kInPlace && !tile.cols && !ctx.kidx) {
-              Kp = reinterpret_cast<const A*>(ctx.k) + ctx.krow(tile.j0) * p.k_row_stride;
-              Vp = reinterpret_cast<const A*>(ctx.v) + ctx.krow(tile.j0) * p.v_row_stride;
-              ldk = p.k_row_stride;
-              ldv = p.v_row_stride;
-            } else {
-              load_rows(w.K.data(), ctx.k, p.k_row_stride, n, D, kr);
-              load_rows(w.V.data(), ctx.v, p.v_row_stride, n, D, kr);
-            }
+            const auto [Kp, Vp, ldk, ldv] = kv_operands(ctx, tile, D, w.K.data(), w.V.data());
             cpu::gemm(false, true, m, n, D, Qp, ldq, Kp, ldk, S, kBlockN, false, fast);  // S = Q K^T
             finish_scores(ctx, i0, m, tile, S, p.self_mask ? w.ng.data() : nullptr);
             cpu::gemm(false, true, m, n, D, dOp, lddo, Vp, ldv, dP, kBlockN, false, fast);  // dP = dO V^T

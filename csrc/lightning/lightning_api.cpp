@@ -126,9 +126,15 @@ StateTensor state_of(const std::optional<at::Tensor>& t, bool transpose) {
   return {s.data_ptr(), s.stride(0), s.stride(1), s.stride(2), s.stride(3)};
 }
 
-// Common fields of every pass of one problem.
-PassParams base_params(const Problem& pr, at::ScalarType dtype, const at::Tensor& slopes) {
+// A pass of one problem over (q', k', v'): its dims from those tensors, every other field at its default.
+PassParams pass_over(const Problem& pr, const at::Tensor& slopes, const at::Tensor& qp, const at::Tensor& kp,
+                     const at::Tensor& vp) {
   PassParams p{};
+  p.dk = int(kp.size(3));
+  p.dv = int(vp.size(3));
+  p.q = seq_of(qp);
+  p.k = seq_of(kp);
+  p.v = seq_of(vp);
   p.num_seqs = int(pr.N);
   p.num_heads = int(pr.H);
   p.seqlen = pr.L;
@@ -137,7 +143,7 @@ PassParams base_params(const Problem& pr, at::ScalarType dtype, const at::Tensor
   p.out_scale = 1.0;
   p.v_scale = 1.0;
   p.slopes = slopes.data_ptr();
-  p.dtype = elem_type(dtype);
+  p.dtype = elem_type(qp.scalar_type());
   return p;
 }
 
@@ -181,13 +187,8 @@ std::tuple<at::Tensor, at::Tensor> lightning_fwd(const Backend& be, const at::Te
   at::Tensor final_state = at::empty({pr.N, pr.H, pr.dk, pr.dv}, acc_opts);
   if (pr.N == 0 || pr.H == 0) return {o, final_state};
 
-  PassParams p = base_params(pr, q.scalar_type(), slopes);
-  p.dk = int(pr.dk);
-  p.dv = int(pr.dv);
+  PassParams p = pass_over(pr, slopes, q, k, v);
   p.out_scale = scale;
-  p.q = seq_of(q);
-  p.k = seq_of(k);
-  p.v = seq_of(v);
   set_out(p, o);
   p.init = state_of(initial_state, false);
   p.final_state = state_of(final_state, false);
@@ -225,13 +226,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lightning
 
   // dq_t = scale * do_t . S_t^T: the forward recurrence over (q'=do, k'=v, v'=k) with state S^T.
   {
-    PassParams p = base_params(pr, q.scalar_type(), slopes);
-    p.dk = int(pr.dv);
-    p.dv = int(pr.dk);
+    PassParams p = pass_over(pr, slopes, dout, v, k);
     p.out_scale = scale;
-    p.q = seq_of(dout);
-    p.k = seq_of(v);
-    p.v = seq_of(k);
     set_out(p, dq);
     p.init = state_of(initial_state, true);
     run_pass(be, p, pr, block_size, num_splits, acc_opts, keep);
@@ -240,16 +236,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lightning
   // k'=q, v'=scale*do and init dfinal entering with one power of lambda less (init_shift = 1).
   // dv_t = k_t . dS_t; its final state times lambda is d initial_state.
   {
-    PassParams p = base_params(pr, q.scalar_type(), slopes);
-    p.dk = int(pr.dk);
-    p.dv = int(pr.dv);
+    PassParams p = pass_over(pr, slopes, k, q, dout);
     p.reverse = true;
     p.init_shift = 1;
     p.final_shift = 1;
     p.v_scale = scale;
-    p.q = seq_of(k);
-    p.k = seq_of(q);
-    p.v = seq_of(dout);
     set_out(p, dv);
     p.init = state_of(dfinal_state, false);
     p.final_state = state_of(dinit, false);
@@ -257,15 +248,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lightning
   }
   // dk_t = v_t . dS_t^T: the same reversed recurrence on the transposed state (k'=do, v'=scale*q).
   {
-    PassParams p = base_params(pr, q.scalar_type(), slopes);
-    p.dk = int(pr.dv);
-    p.dv = int(pr.dk);
+    PassParams p = pass_over(pr, slopes, v, dout, q);
     p.reverse = true;
     p.init_shift = 1;
     p.v_scale = scale;
-    p.q = seq_of(v);
-    p.k = seq_of(dout);
-    p.v = seq_of(q);
     set_out(p, dk);
     p.init = state_of(dfinal_state, true);
     run_pass(be, p, pr, block_size, num_splits, acc_opts, keep);
@@ -273,13 +259,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lightning
   // d slopes: forward-mode derivative of the forward pass in lambda, contracted with do and dfinal;
   // ds = dlambda * dlambda/ds = -lambda * dlambda.
   if (compute_dslopes) {
-    PassParams p = base_params(pr, q.scalar_type(), slopes);
-    p.dk = int(pr.dk);
-    p.dv = int(pr.dv);
+    PassParams p = pass_over(pr, slopes, q, k, v);
     p.out_scale = scale;
-    p.q = seq_of(q);
-    p.k = seq_of(k);
-    p.v = seq_of(v);
     p.init = state_of(initial_state, false);
     p.deriv = true;
     p.dout = seq_of(dout);

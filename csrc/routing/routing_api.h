@@ -82,6 +82,51 @@ inline void check_index_range(const at::Tensor& idx, const char* name, int64_t L
   check_value_range(idx, name, "L", L);
 }
 
+// q_idx / k_idx made contiguous, their values checked on the host; undefined tensors when not indexed.
+struct Indices {
+  at::Tensor q, k;
+  const at::Tensor* q_ptr() const { return q.defined() ? &q : nullptr; }
+  const at::Tensor* k_ptr() const { return k.defined() ? &k : nullptr; }
+};
+inline Indices checked_indices(const AttnShapes& s, const std::optional<at::Tensor>& q_idx,
+                               const std::optional<at::Tensor>& k_idx) {
+  Indices ix;
+  if (s.indexed) {
+    ix.q = q_idx->contiguous();
+    ix.k = k_idx->contiguous();
+    check_index_range(ix.q, "q_idx", s.L);
+    check_index_range(ix.k, "k_idx", s.L);
+  }
+  return ix;
+}
+
+// routing_fwd's outputs. The core writes `core`: out_seg when indexed (out is then its combine,
+// left undefined here), else out itself (out_seg is then empty).
+struct FwdOutputs {
+  at::Tensor out_seg, out, lse, core;
+};
+inline FwdOutputs alloc_fwd_outputs(const AttnShapes& s, const at::Tensor& q) {
+  FwdOutputs f;
+  f.out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
+  if (!s.indexed) f.out = at::empty({s.B, s.L, s.H, s.D}, q.options());
+  f.lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
+  f.core = s.indexed ? f.out_seg : f.out;
+  return f;
+}
+
+// routing_bwd's dout and the forward's saved out_seg and lse.
+inline void check_bwd_saved(const AttnShapes& s, const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out_seg,
+                            const at::Tensor& lse) {
+  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+  TORCH_CHECK(dout.device() == q.device(), "dout must be on ", q.device());
+  const int64_t rows_q = s.S * s.wq;
+  const std::vector<int64_t> o_shape = s.indexed ? std::vector<int64_t>{s.B, rows_q, s.H, s.D} : q.sizes().vec();
+  TORCH_CHECK(out_seg.sizes() == o_shape, "out_seg must have shape ", o_shape, " (got ", out_seg.sizes(), ")");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, rows_q}) && lse.scalar_type() == at::kFloat,
+              "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
+}
+
 // The core's parameters for routing: shapes, inputs, masks and (when indexed) the cluster gathers.
 // q_idx / k_idx must be contiguous int32 [B, H, S, w] when given. Outputs / backward fields and the
 // key-padding bias are set by the caller (flash_api.h helpers).

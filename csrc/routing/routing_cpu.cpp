@@ -196,33 +196,23 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cpu_qkv(q, k, v);
   check_key_padding_mask(key_padding_mask, s, q);
-  Tensor qi, ki;
-  if (s.indexed) {
-    qi = q_idx->contiguous();
-    ki = k_idx->contiguous();
-    check_index_range(qi, "q_idx", s.L);
-    check_index_range(ki, "k_idx", s.L);
-  }
-  Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
-  Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
-  Tensor o = s.indexed ? out_seg : out;
-  Tensor lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
-  if (o.numel() > 0 && s.wk > 0) {
-    flash::FlashParams p =
-        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+  const Indices ix = checked_indices(s, q_idx, k_idx);
+  FwdOutputs f = alloc_fwd_outputs(s, q);
+  if (f.core.numel() > 0 && s.wk > 0) {
+    flash::FlashParams p = core_params(q, k, v, ix.q_ptr(), ix.k_ptr(), causal, window_left, self_mask, scale);
     Tensor bias;
     if (key_padding_mask.has_value()) {
-      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      bias = key_bias_cpu(*key_padding_mask, s, ix.k_ptr());
       flash::set_bias(p, bias, nullptr);
     }
-    flash::set_output(p, o, lse);
+    flash::set_output(p, f.core, f.lse);
     flash::flash_fwd_cpu(p);
   } else {  // no query row, or no key anywhere: every row is fully masked
-    o.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    f.core.zero_();
+    f.lse.fill_(-std::numeric_limits<float>::infinity());
   }
-  if (s.indexed) out = combine(out_seg, qi, s.L, /*mean=*/true);
-  return {out, out_seg, lse};
+  if (s.indexed) f.out = combine(f.out_seg, ix.q, s.L, /*mean=*/true);
+  return {f.out, f.out_seg, f.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -235,29 +225,17 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
   const AttnShapes s = check_attention_inputs(q, k, v, q_idx, k_idx);
   check_cpu_qkv(q, k, v);
   check_key_padding_mask(key_padding_mask, s, q);
-  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
+  check_bwd_saved(s, dout, q, out_seg, lse);
   const int64_t rows_q = s.S * s.wq;
-  const std::vector<int64_t> o_shape = s.indexed ? std::vector<int64_t>{s.B, rows_q, s.H, s.D} : q.sizes().vec();
-  TORCH_CHECK(out_seg.sizes() == o_shape, "out_seg must have shape ", o_shape, " (got ", out_seg.sizes(), ")");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, rows_q}) && lse.scalar_type() == at::kFloat,
-              "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
   Tensor o = out_seg.stride(-1) == 1 ? out_seg : out_seg.contiguous();
   Tensor lse_c = lse.contiguous();
   Tensor g = dout.stride(-1) == 1 ? dout : dout.contiguous();
-  Tensor qi, ki;
-  if (s.indexed) {
-    qi = q_idx->contiguous();
-    ki = k_idx->contiguous();
-    check_index_range(qi, "q_idx", s.L);
-    check_index_range(ki, "k_idx", s.L);
-  }
+  const Indices ix = checked_indices(s, q_idx, k_idx);
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
-    flash::FlashParams p =
-        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    flash::FlashParams p = core_params(q, k, v, ix.q_ptr(), ix.k_ptr(), causal, window_left, self_mask, scale);
     Tensor bias;
     if (key_padding_mask.has_value()) {
-      bias = key_bias_cpu(*key_padding_mask, s, s.indexed ? &ki : nullptr);
+      bias = key_bias_cpu(*key_padding_mask, s, ix.k_ptr());
       flash::set_bias(p, bias, nullptr);
     }
     flash::set_output(p, o, lse_c);
@@ -274,8 +252,8 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
   Tensor dq_seg = at::zeros({s.B, rows_q, s.H, s.D}, opts);
   Tensor dk_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
   Tensor dv_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
-  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) run_core(gather_dout(g, qi), dq_seg, dk_seg, dv_seg);
-  return {combine(dq_seg, qi, s.L, false), combine(dk_seg, ki, s.L, false), combine(dv_seg, ki, s.L, false)};
+  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) run_core(gather_dout(g, ix.q), dq_seg, dk_seg, dv_seg);
+  return {combine(dq_seg, ix.q, s.L, false), combine(dk_seg, ix.k, s.L, false), combine(dv_seg, ix.k, s.L, false)};
 }
 
 // ---- online k-means ----

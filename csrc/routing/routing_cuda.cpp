@@ -162,40 +162,31 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cuda(const Tensor& q_in, const Te
   check_key_padding_mask(key_padding_mask, s, q);
   c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
-  Tensor qi, ki;
-  if (s.indexed) {
-    qi = q_idx->contiguous();
-    ki = k_idx->contiguous();
-    check_index_range(qi, "q_idx", s.L);
-    check_index_range(ki, "k_idx", s.L);
-  }
-  Tensor out_seg = s.indexed ? at::empty({s.B, s.S * s.wq, s.H, s.D}, q.options()) : at::empty({0}, q.options());
-  Tensor out = s.indexed ? Tensor() : at::empty({s.B, s.L, s.H, s.D}, q.options());
-  Tensor o = s.indexed ? out_seg : out;
-  Tensor lse = at::empty({s.B, s.H, s.S * s.wq}, q.options().dtype(at::kFloat));
-  if (o.numel() > 0 && s.wk > 0) {
-    flash::FlashParams p =
-        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+  const Indices ix = checked_indices(s, q_idx, k_idx);
+  const Tensor &qi = ix.q, &ki = ix.k;
+  FwdOutputs f = alloc_fwd_outputs(s, q);
+  if (f.core.numel() > 0 && s.wk > 0) {
+    flash::FlashParams p = core_params(q, k, v, ix.q_ptr(), ix.k_ptr(), causal, window_left, self_mask, scale);
     Tensor bias;
     if (key_padding_mask.has_value()) {
-      bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);
+      bias = key_bias_cuda(*key_padding_mask, s, ix.k_ptr(), stream);
       flash::set_bias(p, bias, nullptr);
     }
-    flash::set_output(p, o, lse);
+    flash::set_output(p, f.core, f.lse);
     flash::flash_fwd(p, stream);
   } else {  // no query row, or no key anywhere: every row is fully masked
-    o.zero_();
-    lse.fill_(-std::numeric_limits<float>::infinity());
+    f.core.zero_();
+    f.lse.fill_(-std::numeric_limits<float>::infinity());
   }
   if (s.indexed) {
     if (s.B * s.L * s.H * s.D == 0) {
-      out = at::zeros({s.B, s.L, s.H, s.D}, q.options());
+      f.out = at::zeros({s.B, s.L, s.H, s.D}, q.options());
     } else {
       Inverse inv = build_inverse(qi, s.L, false, stream);
-      out = combine(out_seg, inv, s.L, true, stream);
+      f.out = combine(f.out_seg, inv, s.L, true, stream);
     }
   }
-  return {out, out_seg, lse};
+  return {f.out, f.out_seg, f.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Tensor& q_in, const Tensor& k_in,
@@ -209,37 +200,25 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cuda(const Tensor& dout, const Te
   check_cuda_attention(q_in, k_in, v_in, s);
   const Tensor q = flash::cuda_aligned(q_in), k = flash::cuda_aligned(k_in), v = flash::cuda_aligned(v_in);
   check_key_padding_mask(key_padding_mask, s, q);
-  TORCH_CHECK(dout.sizes() == q.sizes(), "dout must have the shape of q ", q.sizes(), " (got ", dout.sizes(), ")");
-  TORCH_CHECK(dout.scalar_type() == q.scalar_type(), "dout must have the dtype of q");
-  TORCH_CHECK(dout.device() == q.device(), "dout must be on ", q.device());
+  check_bwd_saved(s, dout, q, out_seg, lse);
   const int64_t rows_q = s.S * s.wq, rows_k = s.S * s.wk;
-  const std::vector<int64_t> o_shape = s.indexed ? std::vector<int64_t>{s.B, rows_q, s.H, s.D} : q.sizes().vec();
-  TORCH_CHECK(out_seg.sizes() == o_shape, "out_seg must have shape ", o_shape, " (got ", out_seg.sizes(), ")");
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, rows_q}) && lse.scalar_type() == at::kFloat,
-              "lse must be float32 of shape [", s.B, ", ", s.H, ", ", rows_q, "]");
   c10::cuda::CUDAGuard guard(q.device());
   auto stream = c10::cuda::getCurrentCUDAStream().stream();
   Tensor o = flash::cuda_aligned(out_seg);
   Tensor lse_c = lse.contiguous();
   Tensor g = flash::cuda_aligned(dout);
   auto opts = q.options();
-  Tensor qi, ki;
-  if (s.indexed) {
-    qi = q_idx->contiguous();
-    ki = k_idx->contiguous();
-    check_index_range(qi, "q_idx", s.L);
-    check_index_range(ki, "k_idx", s.L);
-  }
+  const Indices ix = checked_indices(s, q_idx, k_idx);
+  const Tensor &qi = ix.q, &ki = ix.k;
   auto run_core = [&](const Tensor& dseg, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
     const int64_t rows = dq.size(1);
     Tensor delta = at::empty({s.B, s.H, rows}, opts.dtype(at::kFloat));
-    flash::FlashParams p =
-        core_params(q, k, v, s.indexed ? &qi : nullptr, s.indexed ? &ki : nullptr, causal, window_left, self_mask, scale);
+    flash::FlashParams p = core_params(q, k, v, ix.q_ptr(), ix.k_ptr(), causal, window_left, self_mask, scale);
     // deterministic: one dq slice per key block, summed in order (no atomics anywhere)
     Tensor dq_accum = flash::alloc_dq_accum(p, opts, deterministic);
     Tensor bias;
     if (key_padding_mask.has_value()) {
-      bias = key_bias_cuda(*key_padding_mask, s, s.indexed ? &ki : nullptr, stream);
+      bias = key_bias_cuda(*key_padding_mask, s, ix.k_ptr(), stream);
       flash::set_bias(p, bias, nullptr);
     }
     flash::set_output(p, o, lse_c);
