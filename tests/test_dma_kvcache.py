@@ -208,3 +208,21 @@ def test_dma_kvcache_bad_inputs_rows():
     with pytest.raises(TypeError, match="cache_seqlens must be int32"):
         f(q, kc, vc, bc, cache_seqlens=torch.tensor([0, 0, 0]), keep=2)
     assert torch.equal(kc, kc0)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_dma_select_seqused_k_cuda_emulation(causal):
+    """The host emulation of the CUDA selection kernels (tests/dma_select_emu.py) with per-batch key
+    counts reproduces the CPU op exactly (NaN, ties, a count of 0, one below keep, the full length)."""
+    import numpy as np
+    from dma_select_emu import select_emu
+
+    g = np.random.default_rng(5)
+    B, H, lq, lk, keep = 4, 2, 70, 200, 30
+    x = g.integers(0, 4, (B, H, lk)).astype(np.float32)
+    x[g.random(x.shape) < 0.1] = np.nan
+    used = [0, 29, 131, 200]
+    emu = select_emu(x, keep, lq, causal, used)
+    cpu = torch.ops.attnkit.dma_select(torch.from_numpy(x), keep, lq, causal, torch.tensor(used, dtype=torch.int32))
+    for e, c in zip(emu, cpu):
+        assert torch.equal(torch.from_numpy(e).to(c.dtype), c)
