@@ -87,8 +87,10 @@ ATTNKIT_OP("kmeans_ema_update_(Tensor(a!) centroids, Tensor x, Tensor? assign, f
 // bias [B, Hkv, Lk]: per-key scores shared by all query rows. dma_select builds the compact mask:
 // thr / tie [B, Hkv, Lq] (fp32 / int32, the core's kept predicate), forward tile lists
 // [B, Hkv, nQB, width] + counts [B, Hkv, nQB], backward tile lists [B, Hkv, nKB, nQB] + counts.
+// seqused_k (int32 [B], each in [0, Lk]): batch b selects among its first seqused_k[b] keys only,
+// its rows aligned to that count (query row i at key position seqused_k[b] - lq + i).
 ATTNKIT_OP(
-    "dma_select(Tensor bias, int keep, int lq, bool causal)"
+    "dma_select(Tensor bias, int keep, int lq, bool causal, Tensor? seqused_k=None)"
     " -> (Tensor thr, Tensor tie, Tensor fwd_list, Tensor fwd_count, Tensor bwd_list, Tensor bwd_count)")
 // Tile lists are optional (None: no tile skipping); the backward lists ride along for autograd.
 // deterministic is read by the backward only (True: dq through per-key-block fp32 slices summed in a
@@ -101,6 +103,15 @@ ATTNKIT_OP(
     "dma_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor bias, Tensor out, Tensor lse, Tensor thr,"
     " Tensor tie, Tensor? bwd_list, Tensor? bwd_count, bool causal, float scale, bool deterministic=False)"
     " -> (Tensor dq, Tensor dk, Tensor dv, Tensor dbias)")
+// KV cache decode (forward only, not differentiable): appends k/v [B, Lnew, Hkv, D] and bias
+// [B, Hkv, Lnew] (all three or none) into k_cache / v_cache [B, Lmax, Hkv, D] and bias_cache
+// [B, Hkv, Lmax] in place at rows cache_seqlens[b] (int32 [B]), then runs DMA for batch row b over
+// its first n_b = cache_seqlens[b] + Lnew keys: top-keep by bias among the keys each query row sees
+// (causal: row i at key position n_b - Lq + i; ties to the lower key), then the core.
+// out [B, Lq, max(H, Hkv), D], lse [B, max(H, Hkv), Lq] fp32.
+ATTNKIT_OP(
+    "dma_kvcache_fwd(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor(c!) bias_cache, Tensor? k, Tensor? v,"
+    " Tensor? bias, Tensor cache_seqlens, int keep, bool causal, float scale) -> (Tensor out, Tensor lse)")
 // Compatibility path (flash-dmattn interface): attn_mask (bool) and attn_bias broadcastable to
 // [B, Hq|Hkv|1, Lq|1, Lk]. dbias has attn_bias's shape and dtype (empty when not asked for).
 ATTNKIT_OP(

@@ -1,7 +1,8 @@
 # Host emulation of the CUDA mask selection (csrc/dma/dma_select.cu, select_cuda), kept step by step
 # with the kernels: sort keys, stable radix sort, ranks, minrank, the wavelet build with its
 # chunk / warp / word structure, wm_quantile, k_query, k_dma_flags and both compactions. The CUDA code
-# cannot run on a machine without a GPU; tests/test_dma.py compares this emulation with the CPU op.
+# cannot run on a machine without a GPU; tests/test_dma.py compares this emulation with the CPU op
+# (tests/test_dma_kvcache.py also with per-batch key counts, seqused_k).
 import struct
 import sys
 
@@ -135,9 +136,11 @@ def levels_for(lk):
     return l
 
 
-def select_emu(bias, keep, lq, causal):
+def select_emu(bias, keep, lq, causal, used=None):
+    """used: per-batch key counts (seqused_k) or None."""
     B, H, lk = bias.shape
     nseg = B * H
+    seg_lk = [lk if used is None else int(used[s // H]) for s in range(nseg)]
     x = bias.reshape(nseg, lk).astype(np.float32)
     all_kept = lk <= keep
     shift = lk - lq
@@ -148,7 +151,9 @@ def select_emu(bias, keep, lq, causal):
     sorted_ = rank = minrank = None
     wms = None
     if not all_kept and nseg * lk > 0:
-        keys = [((s << 32) | desc_key(x[s, j]), s * lk + j) for s in range(nseg) for j in range(lk)]
+        # unused keys (j >= the segment's count) take the largest key, after its NaNs (k_make_keys)
+        keys = [((s << 32) | (desc_key(x[s, j]) if j < seg_lk[s] else 0xFFFFFFFF), s * lk + j)
+                for s in range(nseg) for j in range(lk)]
         keys.sort(key=lambda t: t[0])  # Python sort is stable: as cub radix sort
         sorted_ = np.array([t[1] % lk for t in keys]).reshape(nseg, lk)
         rank = np.zeros((nseg, lk), dtype=np.int64)
@@ -162,8 +167,8 @@ def select_emu(bias, keep, lq, causal):
     prank = np.zeros((nseg, lq), dtype=np.int64)
     for s in range(nseg):
         for i in range(lq):
-            n = i + shift + 1 if causal else lk
-            n = min(n, lk)
+            n = i + (seg_lk[s] - lq) + 1 if causal else seg_lk[s]
+            n = min(n, seg_lk[s])
             rt = lk
             if not all_kept and n > keep:
                 rt = wm_quantile(*wms[s], levels, lk, n, keep) if causal else keep - 1
@@ -177,17 +182,21 @@ def select_emu(bias, keep, lq, causal):
     flags = np.zeros((nseg, nqb, nkb), dtype=np.uint8)
     for s in range(nseg):
         pr = prank[s]
+        shift = seg_lk[s] - lq
+        seg_all = all_kept or seg_lk[s] <= keep
         for qb in range(nqb):
             for kb in range(nkb):
                 i0, i1 = qb * 64, min(qb * 64 + 64, lq) - 1
-                j0, j1 = kb * 64, min(kb * 64 + 64, lk) - 1
-                if not causal:
-                    act = all_kept or minrank[s, kb] <= pr[0]
+                j0, j1 = kb * 64, min(kb * 64 + 64, seg_lk[s]) - 1
+                if j0 >= seg_lk[s]:
+                    act = False
+                elif not causal:
+                    act = seg_all or minrank[s, kb] <= pr[0]
                 elif j0 > i1 + shift:
                     act = False
                 elif j1 <= i0 + shift:
-                    act = all_kept or minrank[s, kb] <= pr[i0]
-                elif all_kept:
+                    act = seg_all or minrank[s, kb] <= pr[i0]
+                elif seg_all:
                     act = True
                 else:
                     act = False

@@ -180,7 +180,8 @@ def test_dma_kept_is_topk_with_ties_to_lower_position():
 
 def test_registry_uses_only_ops_that_exist(monkeypatch):
     for name in ("dynamic_mask_attention", "lightning_attention", "routing_assign", "sparse_query_attention_varlen",
-                 "sparse_query_attention_with_kvcache", "mixture_of_heads_attention"):
+                 "sparse_query_attention_with_kvcache", "mixture_of_heads_attention",
+                 "dynamic_mask_attention_with_kvcache"):
         monkeypatch.delattr(attnkit, name, raising=False)
     monkeypatch.setattr(attnkit, "sparse_query_attention", fake_sqa, raising=False)
     cfg = C.SuiteConfig(quick=True, modes=("fwd",))
@@ -502,3 +503,15 @@ def test_decode_case_reports_bandwidth():
     doc = {"cases": [res.to_json()]}
     row = next(r for r in table_rows(doc)["sqa-decode"] if r and r[4] == "attnkit")
     assert row[10] == f"{op.gbps:.0f}"
+
+
+def test_dma_decode_case_gate_and_bandwidth():
+    from attnkit.bench.cases.dma_decode import dma_decode_case
+
+    case = dma_decode_case(B=2, Lk=150, Hq=4, Hkv=2, D=16, keep=20, dtype=torch.float32, device="cpu")
+    res = Runner("cpu", FAST).run_case(case)
+    op = res.op_result
+    assert op.gate == "PASS" and op.ms
+    assert op.gbps == pytest.approx(2 * 2 * 150 * 2 * 16 * 4 / (op.ms * 1e-3) / 1e9)
+    eager = next(r for r in res.impls if r.name == "torch-eager")
+    assert eager.gate in ("ref", "PASS"), (eager.status, eager.note)

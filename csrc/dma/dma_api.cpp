@@ -2,6 +2,7 @@
 
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 #include "flash/flash_api.h"
@@ -26,6 +27,19 @@ void check_select_args(const at::Tensor& bias, int64_t keep, int64_t lq) {
   TORCH_CHECK(lq < std::numeric_limits<int>::max() && bias.size(2) < std::numeric_limits<int>::max() &&
                   bias.size(0) * bias.size(1) < std::numeric_limits<int>::max(),
               "bias / lq: sizes must fit in int32");
+}
+
+std::vector<int> check_seqused_k(const at::Tensor& seqused_k, const at::Tensor& bias) {
+  const int64_t B = bias.size(0), lk = bias.size(2);
+  TORCH_CHECK(seqused_k.dim() == 1 && seqused_k.size(0) == B, "seqused_k must have shape [B] = [", B, "], got ",
+              seqused_k.sizes());
+  TORCH_CHECK(seqused_k.scalar_type() == at::kInt, "seqused_k must be int32 (got ", seqused_k.scalar_type(), ")");
+  ATTNKIT_CHECK_DEVICE(seqused_k, bias.device());
+  const at::Tensor h = seqused_k.to(at::kCPU).contiguous();
+  std::vector<int> used(h.data_ptr<int>(), h.data_ptr<int>() + B);
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(used[b] >= 0 && used[b] <= lk, "seqused_k[", b, "] must be in [0, Lk = ", lk, "], got ", used[b]);
+  return used;
 }
 
 SelectOutputs alloc_select_outputs(const at::Tensor& bias, int64_t keep, int64_t lq, bool fill) {
@@ -84,6 +98,71 @@ void check_mask_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   TORCH_CHECK(count->scalar_type() == at::kInt, cname, " must be int32");
   TORCH_CHECK(list->device() == q.device(), lname, " must be on ", q.device());
   TORCH_CHECK(count->device() == q.device(), cname, " must be on ", q.device());
+}
+
+std::vector<int> check_kvcache_inputs(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                      const at::Tensor& bias_cache, const std::optional<at::Tensor>& k,
+                                      const std::optional<at::Tensor>& v, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& cache_seqlens, int64_t keep, bool for_cuda_kernel) {
+  flash::check_qkv_inputs(q, k_cache, v_cache, for_cuda_kernel);
+  const int64_t B = q.size(0), lmax = k_cache.size(1), hkv = k_cache.size(2), D = k_cache.size(3);
+  ATTNKIT_CHECK_DIM(bias_cache, 3);
+  ATTNKIT_CHECK_DEVICE(bias_cache, q.device());
+  TORCH_CHECK(bias_cache.scalar_type() == at::kFloat || bias_cache.scalar_type() == q.scalar_type(),
+              "bias_cache must be float32 or the dtype of q (", q.scalar_type(), "), got ", bias_cache.scalar_type());
+  TORCH_CHECK(bias_cache.size(0) == B && bias_cache.size(1) == hkv && bias_cache.size(2) == lmax,
+              "bias_cache must have shape [B, Hkv, Lmax] = [", B, ", ", hkv, ", ", lmax, "], got ", bias_cache.sizes());
+  TORCH_CHECK(k.has_value() == v.has_value() && k.has_value() == bias.has_value(),
+              "k, v and bias must be given together (or none of them)");
+  int64_t lnew = 0;
+  if (k) {
+    ATTNKIT_CHECK_DIM((*k), 4);
+    TORCH_CHECK(k->scalar_type() == q.scalar_type() && v->scalar_type() == q.scalar_type(),
+                "k and v must have the dtype of q (", q.scalar_type(), ")");
+    TORCH_CHECK(k->device() == q.device() && v->device() == q.device(), "k and v must be on the device of q (",
+                q.device(), ")");
+    TORCH_CHECK(k->size(0) == B && k->size(2) == hkv && k->size(3) == D, "k must be [B, Lnew, Hkv, D] = [", B,
+                ", Lnew, ", hkv, ", ", D, "], got ", k->sizes());
+    TORCH_CHECK(v->sizes() == k->sizes(), "v must have the shape of k ", k->sizes(), ", got ", v->sizes());
+    lnew = k->size(1);
+    ATTNKIT_CHECK_DIM((*bias), 3);
+    TORCH_CHECK(is_floating(bias->scalar_type()), "bias must be float16, bfloat16, float32 or float64 (got ",
+                bias->scalar_type(), ")");
+    TORCH_CHECK(bias->device() == q.device(), "bias must be on the device of q (", q.device(), ")");
+    TORCH_CHECK(bias->size(0) == B && bias->size(1) == hkv && bias->size(2) == lnew,
+                "bias must have shape [B, Hkv, Lnew] = [", B, ", ", hkv, ", ", lnew, "], got ", bias->sizes());
+  }
+  TORCH_CHECK_VALUE(keep >= 1, "keep must be >= 1 (got ", keep, ")");
+  TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens must have shape [B] = [", B,
+              "], got ", cache_seqlens.sizes());
+  TORCH_CHECK(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
+              cache_seqlens.scalar_type());
+  TORCH_CHECK(cache_seqlens.device() == q.device(), "cache_seqlens must be on the device of q (", q.device(),
+              "), got ", cache_seqlens.device());
+  TORCH_CHECK(B * hkv * lmax < std::numeric_limits<int>::max() && q.size(1) < std::numeric_limits<int>::max(),
+              "bias_cache: B * Hkv * Lmax must be < 2^31 (got ", B * hkv * lmax, ")");
+  const at::Tensor h = cache_seqlens.to(at::kCPU).contiguous();
+  std::vector<int> cs(h.data_ptr<int>(), h.data_ptr<int>() + B);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK_VALUE(cs[b] >= 0, "cache_seqlens[", b, "] must be >= 0, got ", cs[b]);
+    TORCH_CHECK_VALUE(cs[b] + lnew <= lmax, "the cache is too short: cache_seqlens[", b, "] (", cs[b], ") + ", lnew,
+                " new keys > its ", lmax, " rows");
+  }
+  return cs;
+}
+
+void append_kvcache(const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& bias_cache,
+                    const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias, const at::Tensor& cache_seqlens) {
+  const int64_t B = k.size(0), lnew = k.size(1), hkv = k.size(2);
+  if (lnew == 0 || B == 0) return;
+  const auto lopt = cache_seqlens.options().dtype(at::kLong);
+  // rows[b, t] = cache_seqlens[b] + t, computed where the caches live (no host loop over B)
+  const at::Tensor rows = cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(lnew, lopt).unsqueeze(0);
+  const at::Tensor bidx = at::arange(B, lopt);
+  k_cache.index_put_({bidx.unsqueeze(1), rows}, k);
+  v_cache.index_put_({bidx.unsqueeze(1), rows}, v);
+  bias_cache.index_put_({bidx.view({B, 1, 1}), at::arange(hkv, lopt).view({1, hkv, 1}), rows.unsqueeze(1)},
+                        bias.to(bias_cache.scalar_type()));
 }
 
 void set_dma_mask(flash::FlashParams& p, const at::Tensor& bias32, const at::Tensor* dbias32, const at::Tensor& thr,

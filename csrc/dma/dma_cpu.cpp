@@ -1,6 +1,7 @@
 // Dynamic Mask Attention, CPU: mask selection (top-keep thresholds per row and tile lists) and the
 // attention ops, which run on the flash core's CPU implementation (the core ignores tile lists on
-// CPU; they are still built by dma_select so that users and tests can inspect them).
+// CPU; they are still built by dma_select so that users and tests can inspect them), and the KV
+// cache forward (dma_kvcache_fwd).
 //
 // Selection per (b, KV head), O(Lk log Lk) time and O(Lk + Lq) memory:
 //   1. order the keys by (bias desc, j asc) with NaN last (a stable sort); rank[j] = position;
@@ -12,6 +13,7 @@
 //      entirely is active for the query block [i0, i1] iff its smallest rank <= prank[i0].
 #include <ATen/Parallel.h>
 #include <torch/all.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 
 #include <algorithm>
 #include <cmath>
@@ -107,12 +109,12 @@ void select_segment(const float* x, int64_t lq, int64_t lk, int64_t keep, bool c
   }
 }
 
-SelectOutputs dma_select_cpu(const at::Tensor& bias, int64_t keep, int64_t lq, bool causal) {
-  check_select_args(bias, keep, lq);
-  auto outs = alloc_select_outputs(bias, keep, lq);
+// Selection of every segment of x (fp32 [B, Hkv, Lk], contiguous); with used, segment (b, g) runs
+// over its first used[b] keys only (the remaining list entries keep their -1 / 0 fill).
+SelectOutputs select_all(const at::Tensor& x, int64_t keep, int64_t lq, bool causal, const std::vector<int>* used) {
+  auto outs = alloc_select_outputs(x, keep, lq);
   auto& [thr, tie, fwd_list, fwd_count, bwd_list, bwd_count] = outs;
-  const at::Tensor x = bias.to(at::kFloat).contiguous();
-  const int64_t nseg = bias.size(0) * bias.size(1), lk = bias.size(2);
+  const int64_t H = x.size(1), nseg = x.size(0) * H, lk = x.size(2);
   const int64_t nqb = num_list_blocks(lq), nkb = num_list_blocks(lk), fw = fwd_list.size(3);
   const float* xp = x.data_ptr<float>();
   float* tp = thr.data_ptr<float>();
@@ -120,11 +122,21 @@ SelectOutputs dma_select_cpu(const at::Tensor& bias, int64_t keep, int64_t lq, b
   int *fl = fwd_list.data_ptr<int>(), *fc = fwd_count.data_ptr<int>();
   int *bl = bwd_list.data_ptr<int>(), *bc = bwd_count.data_ptr<int>();
   at::parallel_for(0, nseg, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s)
-      select_segment(xp + s * lk, lq, lk, keep, causal, tp + s * lq, tiep + s * lq, fl + s * nqb * fw, fc + s * nqb, fw,
-                     bl + s * nkb * nqb, bc + s * nkb);
+    for (int64_t s = begin; s < end; ++s) {
+      const int64_t lk_s = used ? (*used)[s / H] : lk;
+      select_segment(xp + s * lk, lq, lk_s, keep, causal, tp + s * lq, tiep + s * lq, fl + s * nqb * fw, fc + s * nqb,
+                     fw, bl + s * nkb * nqb, bc + s * nkb);
+    }
   });
   return outs;
+}
+
+SelectOutputs dma_select_cpu(const at::Tensor& bias, int64_t keep, int64_t lq, bool causal,
+                             const std::optional<at::Tensor>& seqused_k) {
+  check_select_args(bias, keep, lq);
+  std::vector<int> used;
+  if (seqused_k) used = check_seqused_k(*seqused_k, bias);
+  return select_all(bias.to(at::kFloat).contiguous(), keep, lq, causal, seqused_k ? &used : nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor> dma_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -204,6 +216,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cpu(
   return {dq, dk, dv, dbias};
 }
 
+// KV cache: the append, the selection over each batch row's first cache_seqlens[b] + Lnew keys, then
+// the core on views of those rows, one batch row at a time (the CPU core has no per-batch lengths).
+std::tuple<at::Tensor, at::Tensor> dma_kvcache_fwd_cpu(const at::Tensor& q, const at::Tensor& k_cache,
+                                                       const at::Tensor& v_cache, const at::Tensor& bias_cache,
+                                                       const std::optional<at::Tensor>& k,
+                                                       const std::optional<at::Tensor>& v,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& cache_seqlens, int64_t keep, bool causal,
+                                                       double scale) {
+  const std::vector<int> cs = check_kvcache_inputs(q, k_cache, v_cache, bias_cache, k, v, bias, cache_seqlens, keep,
+                                                   /*for_cuda_kernel=*/false);
+  const int64_t lnew = k ? k->size(1) : 0;
+  if (k) append_kvcache(k_cache, v_cache, bias_cache, *k, *v, *bias, cache_seqlens);
+  const int64_t B = q.size(0), lq = q.size(1);
+  std::vector<int> used(cs.size());
+  int64_t lk = 0;  // keys any batch row uses
+  for (size_t b = 0; b < cs.size(); ++b) {
+    used[b] = int(cs[b] + lnew);
+    lk = std::max<int64_t>(lk, used[b]);
+  }
+  const at::Tensor bias32 = bias_cache.narrow(2, 0, lk).to(at::kFloat).contiguous();
+  const auto sel = select_all(bias32, keep, lq, causal, &used);
+  const at::Tensor& thr = std::get<0>(sel);
+  const at::Tensor& tie = std::get<1>(sel);
+  const int64_t H = flash::output_heads(q.size(2), k_cache.size(2));
+  at::Tensor out = at::empty({B, lq, H, q.size(3)}, q.options());
+  at::Tensor lse = at::empty({B, H, lq}, q.options().dtype(at::kFloat));
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = used[b];
+    at::Tensor ob = out.narrow(0, b, 1), lb = lse.narrow(0, b, 1);
+    if (n == 0) {  // no key: every row is empty
+      ob.zero_();
+      lb.fill_(-std::numeric_limits<float>::infinity());
+      continue;
+    }
+    const at::Tensor kb = k_cache.narrow(0, b, 1).narrow(1, 0, n), vb = v_cache.narrow(0, b, 1).narrow(1, 0, n);
+    flash::FlashParams p = flash::make_params(q.narrow(0, b, 1), kb, vb, scale, causal);
+    set_dma_mask(p, bias32.narrow(0, b, 1).narrow(2, 0, n), nullptr, thr.narrow(0, b, 1), tie.narrow(0, b, 1));
+    flash::set_output(p, ob, lb);
+    flash::flash_fwd_cpu(p);
+  }
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace attnkit::dma
 
@@ -213,4 +269,11 @@ TORCH_LIBRARY_IMPL(attnkit, CPU, m) {
   m.impl("dma_bwd", &attnkit::dma::dma_bwd_cpu);
   m.impl("masked_bias_fwd", &attnkit::dma::masked_bias_fwd_cpu);
   m.impl("masked_bias_bwd", &attnkit::dma::masked_bias_bwd_cpu);
+  m.impl("dma_kvcache_fwd", &attnkit::dma::dma_kvcache_fwd_cpu);
+}
+
+// dma_kvcache_fwd has no derivative: a backward through its outputs raises "the derivative for
+// attnkit::dma_kvcache_fwd is not implemented" instead of silently treating it as a constant.
+TORCH_LIBRARY_IMPL(attnkit, Autograd, m) {
+  m.impl("dma_kvcache_fwd", torch::autograd::autogradNotImplementedFallback());
 }

@@ -1,11 +1,14 @@
-// Dynamic Mask Attention, CUDA registrations: mask selection (dma_select.cu) and the attention ops,
-// which fill a FlashParams (fp32 bias, row thresholds, tile lists) and run the flash core's kernels.
+// Dynamic Mask Attention, CUDA registrations: mask selection (dma_select.cu) and the attention ops
+// (training and KV cache), which fill a FlashParams (fp32 bias, row thresholds, tile lists, per-batch
+// key counts for the cache) and run the flash core's kernels.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/all.h>
 
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #include "dma/dma_api.h"
 #include "dma/dma_cuda.h"
@@ -22,14 +25,12 @@ int levels_for(int64_t lk) {
   return l;
 }
 
-SelectOutputs dma_select_cuda(const at::Tensor& bias, int64_t keep, int64_t lq, bool causal) {
-  check_select_args(bias, keep, lq);
-  TORCH_CHECK(bias.is_cuda(), "bias must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(bias.device());
-  auto outs = alloc_select_outputs(bias, keep, lq, /*fill=*/false);
+// Selection over x (fp32 [B, Hkv, Lk], contiguous, on the current device); with used (int32 [B],
+// contiguous, values in [0, Lk]), segment (b, g) runs over its first used[b] keys.
+SelectOutputs select_all(const at::Tensor& x, int64_t keep, int64_t lq, bool causal, const at::Tensor* used) {
+  auto outs = alloc_select_outputs(x, keep, lq, /*fill=*/false);
   auto& [thr, tie, fwd_list, fwd_count, bwd_list, bwd_count] = outs;
-  const at::Tensor x = bias.to(at::kFloat).contiguous();
-  const int64_t nseg = bias.size(0) * bias.size(1), lk = bias.size(2);
+  const int64_t nseg = x.size(0) * x.size(1), lk = x.size(2);
   TORCH_CHECK(nseg * lk < std::numeric_limits<int>::max(), "bias: B * Hkv * Lk must be < 2^31 (got ", nseg * lk, ")");
   SelectParams p{};
   p.nseg = int(nseg);
@@ -44,17 +45,29 @@ SelectOutputs dma_select_cuda(const at::Tensor& bias, int64_t keep, int64_t lq, 
   p.nqb = int(num_list_blocks(lq));
   p.nkb = int(num_list_blocks(lk));
   p.fwd_width = int(fwd_list.size(3));
+  p.h_kv = int(x.size(1));
   p.bias = x.data_ptr<float>();
+  p.seqused_k = used ? used->data_ptr<int>() : nullptr;
   p.thr = thr.data_ptr<float>();
   p.tie = tie.data_ptr<int>();
   p.fwd_list = fwd_list.data_ptr<int>();
   p.fwd_count = fwd_count.data_ptr<int>();
   p.bwd_list = bwd_list.data_ptr<int>();
   p.bwd_count = bwd_count.data_ptr<int>();
-  const at::Tensor ws = at::empty({int64_t(select_workspace_bytes(p))}, bias.options().dtype(at::kByte));
+  const at::Tensor ws = at::empty({int64_t(select_workspace_bytes(p))}, x.options().dtype(at::kByte));
   p.workspace = ws.data_ptr();
   select_cuda(p, c10::cuda::getCurrentCUDAStream());
   return outs;
+}
+
+SelectOutputs dma_select_cuda(const at::Tensor& bias, int64_t keep, int64_t lq, bool causal,
+                              const std::optional<at::Tensor>& seqused_k) {
+  check_select_args(bias, keep, lq);
+  TORCH_CHECK(bias.is_cuda(), "bias must be a CUDA tensor");
+  if (seqused_k) check_seqused_k(*seqused_k, bias);  // the range check reads the counts on the host
+  const c10::cuda::CUDAGuard guard(bias.device());
+  const at::Tensor used = seqused_k ? seqused_k->contiguous() : at::Tensor();
+  return select_all(bias.to(at::kFloat).contiguous(), keep, lq, causal, seqused_k ? &used : nullptr);
 }
 
 // Runs the core's forward; without keys every row is empty (o = 0, lse = -inf).
@@ -234,6 +247,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
   return {dq, dk, dv, dbias};
 }
 
+// KV cache: the append (indexed copies), the selection over each batch row's first
+// cache_seqlens[b] + Lnew keys, then one forward launch of the core with those counts (seqused_k),
+// the kept predicate and the forward tile lists. Only the first max_b(cache_seqlens[b] + Lnew)
+// cache rows are handed to the selection and the core.
+std::tuple<at::Tensor, at::Tensor> dma_kvcache_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
+                                                        const at::Tensor& v_cache, const at::Tensor& bias_cache,
+                                                        const std::optional<at::Tensor>& k,
+                                                        const std::optional<at::Tensor>& v,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& cache_seqlens, int64_t keep, bool causal,
+                                                        double scale) {
+  const std::vector<int> cs = check_kvcache_inputs(q_in, k_cache, v_cache, bias_cache, k, v, bias, cache_seqlens,
+                                                   keep, /*for_cuda_kernel=*/true);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t lnew = k ? k->size(1) : 0;
+  if (k) append_kvcache(k_cache, v_cache, bias_cache, *k, *v, *bias, cache_seqlens);
+  int64_t lk = 0;  // keys any batch row uses
+  for (int c : cs) lk = std::max<int64_t>(lk, c + lnew);
+  const at::Tensor used = (cache_seqlens + lnew).to(at::kInt).contiguous();
+  const at::Tensor q = flash::cuda_aligned(q_in);
+  const at::Tensor kc = flash::cuda_aligned(k_cache.narrow(1, 0, lk));
+  const at::Tensor vc = flash::cuda_aligned(v_cache.narrow(1, 0, lk));
+  const at::Tensor bias32 = bias_cache.narrow(2, 0, lk).to(at::kFloat).contiguous();
+  const auto sel = select_all(bias32, keep, q.size(1), causal, &used);
+  flash::FlashParams p = flash::make_params(q, kc, vc, scale, causal);
+  set_dma_mask(p, bias32, nullptr, std::get<0>(sel), std::get<1>(sel));
+  set_tile_lists(p, std::get<2>(sel), std::get<3>(sel));
+  flash::set_seqused_k(p, used);
+  auto [out, lse] = flash::alloc_output(p, q);
+  flash::set_output(p, out, lse);
+  run_fwd_or_empty(p, kc, out, lse);
+  return {out, lse};
+}
+
 }  // namespace
 }  // namespace attnkit::dma
 
@@ -243,4 +290,5 @@ TORCH_LIBRARY_IMPL(attnkit, CUDA, m) {
   m.impl("dma_bwd", &attnkit::dma::dma_bwd_cuda);
   m.impl("masked_bias_fwd", &attnkit::dma::masked_bias_fwd_cuda);
   m.impl("masked_bias_bwd", &attnkit::dma::masked_bias_bwd_cuda);
+  m.impl("dma_kvcache_fwd", &attnkit::dma::dma_kvcache_fwd_cuda);
 }

@@ -10,6 +10,9 @@
 // i.e. (thr, tie) = (bias[j*], j*) for the keep-th key j* of row i in the order (bias desc, j asc);
 // rows that keep all their visible keys get (thr, tie) = (-inf, kTieAll).
 //
+// Per-batch key counts (seqused_k, a KV cache): batch b uses only its first n_b = seqused_k[b] <= Lk
+// keys, with shift = n_b - Lq for its rows; keys j >= n_b are never kept and enter no tile list.
+//
 // NaN biases: ordered below -inf; a NaN key is never kept by the predicate. If the keep-th key of a
 // row is NaN the row keeps all its non-NaN visible keys.
 //
@@ -51,8 +54,12 @@ struct SelectParams {
   int nwords;      // ceil(lk / 32)
   int nqb, nkb;    // list blocks along queries / keys
   int fwd_width;   // fwd_list row length
+  int h_kv;        // segments per batch (seg / h_kv is the batch)
 
   const float* bias;  // [nseg][lk] fp32, contiguous
+  // [nseg / h_kv] int32, each in [0, lk]: the keys segment seg uses are its first
+  // seqused_k[seg / h_kv]; nullptr: all lk (then shift above applies)
+  const int* seqused_k;
 
   // Workspaces (see dma_select.cu for sizes: dma_select_workspace_bytes).
   void* workspace;

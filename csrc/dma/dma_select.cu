@@ -12,6 +12,10 @@
 //      of the key block and the first row's rank threshold, which is the block's loosest since
 //      thresholds only tighten as rows see more keys; per element on the diagonal), then compact
 //      the flags into ascending lists for both directions.
+// Per-batch key counts (seqused_k): keys past a segment's count sort after all of its keys (they
+// take the largest ranks), rows align to the segment's own count, and key blocks past it are never
+// flagged; the ranks of the used keys, and so the thresholds, are those of a selection over the
+// used keys alone.
 // The compatibility path (masked_bias) flags tiles from its dense bias (any element > -inf) and
 // reuses the compaction.
 #include <cub/device/device_radix_sort.cuh>
@@ -110,12 +114,20 @@ __device__ __forceinline__ uint32_t desc_key(float x) {
   return ~asc;  // larger bias -> smaller key
 }
 
-__global__ void k_make_keys(const float* __restrict__ bias, int64_t n, int lk, uint64_t* __restrict__ keys,
-                            int* __restrict__ vals) {
+// Keys a segment uses: its batch's seqused_k entry, else all lk.
+__host__ __device__ __forceinline__ int seg_keys(const int* seqused_k, int h_kv, int64_t seg, int lk) {
+  return seqused_k ? seqused_k[seg / h_kv] : lk;
+}
+
+__global__ void k_make_keys(const float* __restrict__ bias, int64_t n, int lk, const int* __restrict__ seqused_k,
+                            int h_kv, uint64_t* __restrict__ keys, int* __restrict__ vals) {
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t seg = idx / lk;
-    keys[idx] = (uint64_t(seg) << 32) | desc_key(bias[idx]);
-    vals[idx] = int(idx - seg * lk);
+    const int j = int(idx - seg * lk);
+    // unused keys: the largest key of the segment, after its NaNs (the stable sort keeps index order)
+    const uint32_t key = j < seg_keys(seqused_k, h_kv, seg, lk) ? desc_key(bias[idx]) : 0xFFFFFFFFu;
+    keys[idx] = (uint64_t(seg) << 32) | key;
+    vals[idx] = j;
   }
 }
 
@@ -281,8 +293,9 @@ __global__ void k_query(SelectParams p, const int* __restrict__ sorted, const ui
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t seg = idx / p.lq;
     const int i = int(idx - seg * p.lq);
-    int64_t n = p.causal ? int64_t(i) + p.shift + 1 : int64_t(p.lk);
-    if (n > p.lk) n = p.lk;
+    const int lk_s = seg_keys(p.seqused_k, p.h_kv, seg, p.lk);
+    int64_t n = p.causal ? int64_t(i) + (lk_s - p.lq) + 1 : int64_t(lk_s);  // visible keys of row i
+    if (n > lk_s) n = lk_s;
     int rank_thr = p.lk;  // keep all visible keys
     if (!p.all_kept && n > p.keep) {
       rank_thr = p.causal ? wm_quantile(wm_bits + seg * p.levels * p.nwords, wm_zc + seg * p.levels * (p.nwords + 1),
@@ -315,24 +328,32 @@ __global__ void k_dma_flags(SelectParams p, const int* __restrict__ rank, const 
     const int64_t t = idx / p.nkb;
     const int qb = int(t % p.nqb);
     const int64_t seg = t / p.nqb;
+    // the segment's own key count and alignment; minrank may cover unused keys, whose ranks exceed
+    // every rank threshold of a used key (and a keep-all row's threshold only matters when the block
+    // holds a used key it sees)
+    const int lk_s = seg_keys(p.seqused_k, p.h_kv, seg, p.lk);
+    const int64_t shift = int64_t(lk_s) - p.lq;
+    const bool all_kept = p.all_kept || lk_s <= p.keep;
     const int64_t i0 = int64_t(qb) * kListBlock, i1 = min(i0 + kListBlock, int64_t(p.lq)) - 1;
-    const int64_t j0 = int64_t(kb) * kListBlock, j1 = min(j0 + kListBlock, int64_t(p.lk)) - 1;
+    const int64_t j0 = int64_t(kb) * kListBlock, j1 = min(j0 + kListBlock, int64_t(lk_s)) - 1;
     const int* pr = prank + seg * p.lq;
     bool act;
-    if (!p.causal) {
-      act = p.all_kept || minrank[seg * p.nkb + kb] <= pr[0];
-    } else if (j0 > i1 + p.shift) {
+    if (j0 >= lk_s) {
+      act = false;  // unused keys only
+    } else if (!p.causal) {
+      act = all_kept || minrank[seg * p.nkb + kb] <= pr[0];
+    } else if (j0 > i1 + shift) {
       act = false;  // no row of the block sees the key block
-    } else if (j1 <= i0 + p.shift) {
-      act = p.all_kept || minrank[seg * p.nkb + kb] <= pr[i0];  // every row sees all of it
-    } else if (p.all_kept) {
+    } else if (j1 <= i0 + shift) {
+      act = all_kept || minrank[seg * p.nkb + kb] <= pr[i0];  // every row sees all of it
+    } else if (all_kept) {
       act = true;
     } else {
       act = false;
       const int* r = rank + seg * p.lk;
-      const int64_t jend = min(j1, i1 + p.shift);
+      const int64_t jend = min(j1, i1 + shift);
       for (int64_t j = j0; j <= jend && !act; ++j) {
-        const int64_t i = max(i0, j - p.shift);  // the first row of the block that sees key j
+        const int64_t i = max(i0, j - shift);  // the first row of the block that sees key j
         act = r[j] <= pr[i];
       }
     }
@@ -458,7 +479,8 @@ void select_cuda(const SelectParams& p, cudaStream_t stream) {
     int* srt = at_off<int>(ws, L.sorted);
     int* rk = at_off<int>(ws, L.rank);
     int* mr = at_off<int>(ws, L.minrank);
-    ATTNKIT_LAUNCH_KERNEL(k_make_keys, grid_for(n), kThreads, 0, stream, p.bias, n, p.lk, keys_in, vals_in);
+    ATTNKIT_LAUNCH_KERNEL(k_make_keys, grid_for(n), kThreads, 0, stream, p.bias, n, p.lk, p.seqused_k, p.h_kv,
+        keys_in, vals_in);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     size_t tb = L.temp_bytes;
     C10_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(at_off<void>(ws, L.temp), tb, keys_in, keys_out, vals_in, srt,

@@ -145,7 +145,8 @@ struct FlashParams {
   // seqlen_q is then the largest length (it sizes the grid) and total_q the number of rows.
   // cu_seqlens_k likewise for k, v, dk, dv. seqused_k [batch]: batch b uses only its first
   // seqused_k[b] keys (a KV cache). The causal / window masks align each batch's own lengths.
-  // Not combinable with segments, bias, row thresholds or tile lists (check_flash_params).
+  // Not combinable with segments or gathers; cu_seqlens also not with bias, row thresholds or tile
+  // lists, which seqused_k allows (they keep their batch layout: DMA decode; check_flash_params).
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
   const int* seqused_k;

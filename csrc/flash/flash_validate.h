@@ -45,9 +45,13 @@ inline void check_flash_params(const FlashParams& p) {
   TORCH_CHECK(p.dq_splits == 0 || p.dq_splits >= std::max(1, dq_split_key_blocks(p) * p.q_group),
               "flash core: dq_splits must be 0 or at least max(1, dq_split_key_blocks * q_group) = ",
               std::max(1, dq_split_key_blocks(p) * p.q_group), " (got ", p.dq_splits, ")");
-  TORCH_CHECK((!p.cu_seqlens_q && !p.cu_seqlens_k && !p.seqused_k) ||
-                  (p.num_segments == 1 && !p.bias && !p.row_thr && !p.active_list && !p.q_index && !p.k_index),
-              "flash core: per-batch lengths cannot be combined with segments, bias, row thresholds or tile lists");
+  TORCH_CHECK((!p.cu_seqlens_q && !p.cu_seqlens_k && !p.seqused_k) || (p.num_segments == 1 && !p.q_index && !p.k_index),
+              "flash core: per-batch lengths cannot be combined with segments or gathers");
+  // Bias, thresholds and tile lists are addressed by batch and local row / column: packed batches
+  // (whose batch strides are 0) cannot index them; seqused_k (a KV cache, DMA decode) keeps the
+  // batch layout, each batch reading its first seqused_k[b] columns.
+  TORCH_CHECK((!p.cu_seqlens_q && !p.cu_seqlens_k) || (!p.bias && !p.row_thr && !p.active_list),
+              "flash core: packed sequences (cu_seqlens) cannot be combined with bias, row thresholds or tile lists");
   TORCH_CHECK(p.num_splits <= 1 || (p.num_splits <= kFlashMaxSplits && p.o_accum && p.lse_accum),
               "flash core: num_splits > 1 needs num_splits <= ", kFlashMaxSplits,
               " and the o_accum / lse_accum workspaces (got num_splits = ", p.num_splits, ")");

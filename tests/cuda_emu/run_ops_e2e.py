@@ -5,7 +5,7 @@ with the flash core's and routing's kernels compiled as host C++ against emu_cud
 torch ops `attnkit_emu::*` on CPU tensors, and compares them with attnkit.reference using the
 FlashAttention rule of the test suite (conftest.assert_close_fa).
 
-    PYTHONPATH=python .venv/bin/python tests/cuda_emu/run_ops_e2e.py [sqa|routing|dma|moh]
+    PYTHONPATH=python .venv/bin/python tests/cuda_emu/run_ops_e2e.py [sqa|routing|dma|dma-kvcache|moh]
 """
 
 from __future__ import annotations
@@ -362,6 +362,48 @@ def check_dma_select(B, H, lk, keep, lq, causal, ties):
         assert torch.equal(a, c), f"{name}: differs from the CPU op at {(a != c).nonzero()[:5].tolist()}"
 
 
+def check_dma_select_used(B, H, lk, keep, lq, causal, used):
+    """Per-batch key counts (seqused_k): the kernels' selection equals the CPU op's."""
+    g = torch.Generator().manual_seed(lk + keep + lq)
+    bias = (torch.randn(B, H, lk, generator=g) * 2).round() / 2
+    su = torch.tensor(used, dtype=torch.int32)
+    kern = emu.dma_select(bias, keep, lq, causal, su)
+    cpu = torch.ops.attnkit.dma_select(bias, keep, lq, causal, su)
+    names = ("thr", "tie", "fwd_list", "fwd_count", "bwd_list", "bwd_count")
+    for name, a, c in zip(names, kern, cpu):
+        assert a.shape == c.shape and a.dtype == c.dtype, f"{name}: {a.shape} {a.dtype} vs CPU {c.shape} {c.dtype}"
+        assert torch.equal(a, c), f"{name}: differs from the CPU op at {(a != c).nonzero()[:5].tolist()}"
+
+
+def check_dma_kvcache(dtype, B, Lq, Lnew, Lmax, cs, hq, hkv, d, keep, causal, bias_dtype=torch.float32):
+    """dma_kvcache_fwd: in-place append, selection with per-batch key counts, one core launch with
+    seqused_k and the forward tile lists; against the float64 oracle over each row's valid keys."""
+    g = torch.Generator().manual_seed(Lmax + d + Lq + keep)
+    q = torch.randn(B, Lq, hq, d, generator=g).to(dtype)
+    kc = torch.randn(B, Lmax, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(B, Lmax, hkv, d, generator=g).to(dtype)
+    bc = ((torch.randn(B, hkv, Lmax, generator=g) * 2).round() / 2).to(bias_dtype)  # ties
+    k = torch.randn(B, Lnew, hkv, d, generator=g).to(dtype) if Lnew else None
+    v = torch.randn(B, Lnew, hkv, d, generator=g).to(dtype) if Lnew else None
+    bias = ((torch.randn(B, hkv, Lnew, generator=g) * 2).round() / 2).to(bias_dtype) if Lnew else None
+    seqlens = torch.tensor(cs, dtype=torch.int32)
+    scale = d**-0.5
+    ref, kc_ref, vc_ref, bc_ref = reference.dma_kvcache_reference(q, kc, vc, bc, k, v, bias, seqlens, keep=keep,
+                                                                  causal=causal, scale=scale)
+    out, lse = emu.dma_kvcache_fwd(q, kc, vc, bc, k, v, bias, seqlens, keep, causal, scale)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == ref.shape and lse.shape == (B, max(hq, hkv), Lq)
+    close_mag(out, ref, ref.to(dtype), D_ATOL[dtype], "out")
+    # rows without a visible key: lse -inf exactly
+    for b in range(B):
+        n = cs[b] + Lnew
+        for i in range(Lq):
+            empty = n == 0 or (causal and n - Lq + i < 0)
+            assert bool(torch.isinf(lse[b, :, i]).all()) == empty, f"lse of batch {b} row {i}"
+    assert torch.equal(kc.double(), kc_ref) and torch.equal(vc.double(), vc_ref), "cache append"
+    assert torch.equal(bc.double(), bc_ref), "bias cache append"
+
+
 def check_dma(dtype, B, lq, lk, hq, hkv, d, keep, causal):
     g = torch.Generator().manual_seed(lq * 3 + lk + keep)
     q, k, v = (torch.randn(B, L, h, d, generator=g) for L, h in ((lq, hq), (lk, hkv), (lk, hkv)))
@@ -427,6 +469,23 @@ if only in ("", "dma"):
         run(f"dma {dt} non-causal reverse GQA", check_dma, dt, 1, 130, 70, 2, 4, 64, 20, False)
         run(f"dma {dt} L=1", check_dma, dt, 2, 1, 1, 2, 2, 64, 1, True)
         run(f"masked_bias {dt} causal", check_masked_bias, dt, True)
+
+if only in ("", "dma", "dma-kvcache"):
+    for causal in (True, False):
+        run(f"dma_select seqused_k causal={causal}", check_dma_select_used, 3, 2, 200, 20, 70, causal, [0, 90, 200])
+        run(f"dma_select seqused_k causal={causal} lq=1", check_dma_select_used, 2, 2, 300, 40, 1, causal, [45, 300])
+    for dt in (torch.float16, torch.bfloat16):
+        for shape in [
+            # (B, Lq, Lnew, Lmax, cache_seqlens, Hq, Hkv, D, keep, causal)
+            (3, 1, 1, 140, [0, 77, 130], 4, 2, 64, 16, True),  # Lq 1, GQA, a row with its new key only
+            (3, 1, 0, 260, [0, 70, 259], 2, 2, 64, 24, True),  # a row with no key, tile skipping over 5 blocks
+            (2, 4, 4, 150, [0, 120], 2, 4, 32, 40, True),  # Lq 4, reverse GQA
+            (2, 4, 2, 90, [1, 80], 4, 1, 64, 100, False),  # keep above the keys, MQA, non-causal
+            (2, 4, 0, 100, [2, 60], 2, 2, 64, 8, True),  # causal rows without keys (2 keys, 4 rows)
+        ]:
+            run(f"dma kvcache {str(dt):15s} {shape}", check_dma_kvcache, dt, *shape)
+        run(f"dma kvcache {str(dt):15s} bias in q's dtype", check_dma_kvcache, dt, 2, 1, 1, 100, [30, 98], 2, 2, 64,
+            10, True, dt)
 
 # ---- Mixture-of-Head: the tolerances of tests/test_moh.py ----
 M_ATOL_FWD = {torch.float16: 1e-3, torch.bfloat16: 1e-2}

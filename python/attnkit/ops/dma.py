@@ -162,7 +162,7 @@ _BLOCK = 64  # tile size of the lists (the flash core's kFwdBlockM / kBwdBlockN)
 @torch.library.register_fake("attnkit::dma_select")
 
 
-def _dma_select_fake(bias, keep, lq, causal):
+def _dma_select_fake(bias, keep, lq, causal, seqused_k=None):
     b, h, lk = bias.shape
     nqb = (lq + _BLOCK - 1) // _BLOCK
     nkb = (lk + _BLOCK - 1) // _BLOCK

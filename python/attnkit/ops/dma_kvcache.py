@@ -1,5 +1,5 @@
-"""Dynamic Mask Attention against a KV cache (generation): appends the new keys, values and bias
-in place, then runs :func:`attnkit.dynamic_mask_attention` of each batch row over its valid keys."""
+"""Dynamic Mask Attention against a KV cache (generation): one op (``attnkit::dma_kvcache_fwd``) appends
+the new keys, values and bias in place, then runs DMA over each batch row's valid keys."""
 
 from __future__ import annotations
 
@@ -8,18 +8,20 @@ import math
 import torch
 
 from .._checks import check_attention_inputs, check_bool, check_scale, check_tensor
-from .dma import _check_keep, dynamic_mask_attention
+from .dma import _check_keep
 
 __all__ = ["dynamic_mask_attention_with_kvcache"]
 
 
-def _host_seqlens(cache_seqlens, B, device):
+def _seqlens_tensor(cache_seqlens, B, device):
+    """cache_seqlens as int32 [B] on device (an int applies to every batch row). The values of a
+    tensor are checked by the op (on the host, before anything is written)."""
     if isinstance(cache_seqlens, bool):
         raise TypeError("cache_seqlens must be an int or an int32 tensor [B], got bool")
     if isinstance(cache_seqlens, int):
         if cache_seqlens < 0:
             raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
-        return [cache_seqlens] * B
+        return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
     if not isinstance(cache_seqlens, torch.Tensor):
         raise TypeError(f"cache_seqlens must be an int or an int32 tensor [B], got {type(cache_seqlens).__name__}")
     if cache_seqlens.dtype != torch.int32:
@@ -28,11 +30,7 @@ def _host_seqlens(cache_seqlens, B, device):
         raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
     if cache_seqlens.device != device:
         raise ValueError(f"cache_seqlens must be on the device of q ({device}), got {cache_seqlens.device}")
-    out = [int(x) for x in cache_seqlens.tolist()]  # one small device-to-host copy on CUDA
-    for b, s in enumerate(out):
-        if s < 0:
-            raise ValueError(f"cache_seqlens[{b}] must be >= 0, got {s}")
-    return out
+    return cache_seqlens
 
 
 def dynamic_mask_attention_with_kvcache(q, k_cache, v_cache, bias_cache, k=None, v=None, bias=None, *,
@@ -51,14 +49,20 @@ def dynamic_mask_attention_with_kvcache(q, k_cache, v_cache, bias_cache, k=None,
             ``Lk - Lq + i``; ties of the top-``keep`` selection go to the lower key index).
 
     Returns ``out`` ``[B, Lq, max(H, Hkv), D]``. The selection keeps per query row a threshold and a
-    tie index (no ``[B, H, Lk]`` tensor per query); each batch row runs one fused DMA call on views
-    of its valid cache rows (a loop over B on the host).
+    tie index (no ``[B, H, Lk]`` tensor per query); the append, the selection of every batch row
+    and the attention run in one op (``torch.ops.attnkit.dma_kvcache_fwd``, usable under
+    ``torch.compile(fullgraph=True)``), which reads ``cache_seqlens`` once on the host to check it.
+    No gradient flows through it (the op has no autograd formula).
     """
     check_attention_inputs(q, k_cache, v_cache)
     B, Lmax, Hkv, D = k_cache.shape
     check_tensor("bias_cache", bias_cache, 3)
     if tuple(bias_cache.shape) != (B, Hkv, Lmax):
         raise ValueError(f"bias_cache must have shape [B, Hkv, Lmax] = {[B, Hkv, Lmax]}, got {list(bias_cache.shape)}")
+    if bias_cache.dtype not in (torch.float32, q.dtype):
+        raise TypeError(f"bias_cache must be float32 or the dtype of q ({q.dtype}), got {bias_cache.dtype}")
+    if bias_cache.device != q.device:
+        raise ValueError(f"bias_cache must be on the device of q ({q.device}), got {bias_cache.device}")
     given = [x is not None for x in (k, v, bias)]
     if any(given) and not all(given):
         raise ValueError("k, v and bias must be given together (or none of them)")
@@ -74,20 +78,20 @@ def dynamic_mask_attention_with_kvcache(q, k_cache, v_cache, bias_cache, k=None,
         check_tensor("bias", bias, 3)
         if tuple(bias.shape) != (B, Hkv, lnew):
             raise ValueError(f"bias must have shape [B, Hkv, Lnew] = {[B, Hkv, lnew]}, got {list(bias.shape)}")
+        if bias.device != q.device:
+            raise ValueError(f"bias must be on the device of q ({q.device}), got {bias.device}")
     _check_keep(keep)
     causal = check_bool("causal", causal)
     scale = check_scale(scale, 1.0 / math.sqrt(D))
-    lens = _host_seqlens(cache_seqlens, B, q.device)
-    for b, s in enumerate(lens):
-        if s + lnew > Lmax:
-            raise ValueError(f"the cache is too short: cache_seqlens[{b}] ({s}) + {lnew} new keys > its {Lmax} rows")
-    outs = []
-    for b, s in enumerate(lens):
-        if lnew:
-            k_cache[b, s:s + lnew].copy_(k[b])
-            v_cache[b, s:s + lnew].copy_(v[b])
-            bias_cache[b, :, s:s + lnew].copy_(bias[b])
-        n = s + lnew
-        outs.append(dynamic_mask_attention(q[b:b + 1], k_cache[b:b + 1, :n], v_cache[b:b + 1, :n],
-                                           bias_cache[b:b + 1, :, :n], keep=keep, causal=causal, scale=scale))
-    return torch.cat(outs, 0)
+    cs = _seqlens_tensor(cache_seqlens, B, q.device)
+    if isinstance(cache_seqlens, int) and cache_seqlens + lnew > Lmax:
+        raise ValueError(f"the cache is too short: cache_seqlens ({cache_seqlens}) + {lnew} new keys > its {Lmax} rows")
+    out, _ = torch.ops.attnkit.dma_kvcache_fwd(q, k_cache, v_cache, bias_cache, k, v, bias, cs, keep, causal, scale)
+    return out
+
+
+@torch.library.register_fake("attnkit::dma_kvcache_fwd")
+def _dma_kvcache_fwd_fake(q, k_cache, v_cache, bias_cache, k, v, bias, cache_seqlens, keep, causal, scale):
+    B, Lq, Hq, D = q.shape
+    H = max(Hq, k_cache.shape[2])
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
