@@ -248,8 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> masked_bias_bwd_cuda(
 }
 
 // KV cache: the append (indexed copies), the selection over each batch row's first
-// cache_seqlens[b] + Lnew keys, then one forward launch of the core with those counts (seqused_k),
-// the kept predicate and the forward tile lists. Only the first max_b(cache_seqlens[b] + Lnew)
+// cache_seqlens[b] + Lnew keys, then the core's forward with those counts (seqused_k), the kept
+// predicate and the forward tile lists, split over the listed key blocks (split-KV + combine) when
+// the unsplit grid would leave most SMs idle (flash_fwd_num_splits). Only the first max_b(cache_seqlens[b] + Lnew)
 // cache rows are handed to the selection and the core.
 std::tuple<at::Tensor, at::Tensor> dma_kvcache_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_cache,
                                                         const at::Tensor& v_cache, const at::Tensor& bias_cache,
@@ -277,6 +278,8 @@ std::tuple<at::Tensor, at::Tensor> dma_kvcache_fwd_cuda(const at::Tensor& q_in, 
   flash::set_seqused_k(p, used);
   auto [out, lse] = flash::alloc_output(p, q);
   flash::set_output(p, out, lse);
+  // split-KV (automatic) when batch, heads and query rows alone leave most SMs idle
+  const auto workspaces = flash::set_split_workspaces(p, flash::flash_fwd_num_splits(p, lk, 0), q.options());
   run_fwd_or_empty(p, kc, out, lse);
   return {out, lse};
 }
