@@ -133,6 +133,8 @@ if want flash; then
       run "flash d32 Lq80 Lk150 fp16" "$out/flash_emu_test" "d32 Lq80 Lk150" fp16
       # compact query gathers (Mixture-of-Head): per-head row counts, GQA without key gathers
       run "flash d32 compact gqa4 noncausal fp16" "$out/flash_emu_test" "d32 compact gqa4 noncausal" fp16
+      # split-KV forward (three splits of a windowed KV-cache decode, rows without keys) + the combine
+      run "flash split3 window fp16" "$out/flash_emu_test" "split3 d64 Lq4 window both sides" fp16
     else
       run "flash ${sub:-all cases}" "$out/flash_emu_test" "$sub"
     fi
