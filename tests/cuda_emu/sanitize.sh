@@ -167,10 +167,10 @@ if want ops; then
   if built "ops (sqa, routing, dma, moh op layers)" $?; then
     if ((quick)); then
       # dma_select; routing select (assign), combine + the core (attention fwd/bwd), k-means
-      # assign / EMA update
+      # assign / EMA update (the update computing its own assignment)
       run "ops dma_select" "${ops_env[@]}" EMU_CASES="dma_select causal=True ties" "$py" "$here/run_ops_e2e.py" dma
       run "ops routing" "${ops_env[@]}" \
-        EMU_CASES="routing_assign torch.float16 separate+pad|routing_attention torch.bfloat16 shared=True det=False|kmeans torch.float32 given" \
+        EMU_CASES="routing_assign torch.float16 separate+pad|routing_attention torch.bfloat16 shared=True det=False|kmeans torch.float32 computed" \
         "$py" "$here/run_ops_e2e.py" routing
       # moh: counting sort, weighted scatter, gradient gather + the core's compact gathers
       run "ops moh" "${ops_env[@]}" EMU_CASES="moh torch.float16 non-causal" "$py" "$here/run_ops_e2e.py" moh
