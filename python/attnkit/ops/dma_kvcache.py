@@ -7,30 +7,16 @@ import math
 
 import torch
 
-from .._checks import check_attention_inputs, check_bool, check_scale, check_tensor
+from .._checks import (
+    cache_seqlens_tensor,
+    check_attention_inputs,
+    check_bool,
+    check_scale,
+    check_tensor,
+)
 from .dma import _check_keep
 
 __all__ = ["dynamic_mask_attention_with_kvcache"]
-
-
-def _seqlens_tensor(cache_seqlens, B, device):
-    """cache_seqlens as int32 [B] on device (an int applies to every batch row). The values of a
-    tensor are checked by the op (on the host, before anything is written)."""
-    if isinstance(cache_seqlens, bool):
-        raise TypeError("cache_seqlens must be an int or an int32 tensor [B], got bool")
-    if isinstance(cache_seqlens, int):
-        if cache_seqlens < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
-        return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int or an int32 tensor [B], got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens must be on the device of q ({device}), got {cache_seqlens.device}")
-    return cache_seqlens
 
 
 def dynamic_mask_attention_with_kvcache(q, k_cache, v_cache, bias_cache, k=None, v=None, bias=None, *,
@@ -83,7 +69,7 @@ def dynamic_mask_attention_with_kvcache(q, k_cache, v_cache, bias_cache, k=None,
     _check_keep(keep)
     causal = check_bool("causal", causal)
     scale = check_scale(scale, 1.0 / math.sqrt(D))
-    cs = _seqlens_tensor(cache_seqlens, B, q.device)
+    cs = cache_seqlens_tensor(cache_seqlens, B, q.device)
     if isinstance(cache_seqlens, int) and cache_seqlens + lnew > Lmax:
         raise ValueError(f"the cache is too short: cache_seqlens ({cache_seqlens}) + {lnew} new keys > its {Lmax} rows")
     out, _ = torch.ops.attnkit.dma_kvcache_fwd(q, k_cache, v_cache, bias_cache, k, v, bias, cs, keep, causal, scale)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_attention_inputs, check_bool, check_scale, check_tensor, check_window_size
+from .._checks import (
+    cache_seqlens_tensor,
+    check_attention_inputs,
+    check_bool,
+    check_scale,
+    check_tensor,
+    check_window_size,
+)
 
 __all__ = ["sparse_query_attention", "sparse_query_attention_varlen", "sparse_query_attention_with_kvcache"]
 
@@ -236,25 +243,6 @@ _sqa_varlen_fwd_det.register_autograd(_sqa_varlen_backward, setup_context=_make_
 # ---- KV cache decode ----------------------------------------------------------------------------
 
 
-def _cache_seqlens_tensor(cache_seqlens, B, device):
-    """cache_seqlens as int32 [B] on device (an int applies to every batch row)."""
-    if isinstance(cache_seqlens, bool):
-        raise TypeError("cache_seqlens must be an int or an int32 tensor [B], got bool")
-    if isinstance(cache_seqlens, int):
-        if cache_seqlens < 0:
-            raise ValueError(f"cache_seqlens must be >= 0, got {cache_seqlens}")
-        return torch.full((B,), cache_seqlens, dtype=torch.int32, device=device)
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be an int or an int32 tensor [B], got {type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    if cache_seqlens.shape != (B,):
-        raise ValueError(f"cache_seqlens must have shape [B] = [{B}], got {tuple(cache_seqlens.shape)}")
-    if cache_seqlens.device != device:
-        raise ValueError(f"cache_seqlens must be on the device of q ({device}), got {cache_seqlens.device}")
-    return cache_seqlens
-
-
 def sparse_query_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, cache_seqlens, causal=False,
                                         scale=None, window_size=(-1, -1), num_splits=0, return_lse=False):
     """Sparse Query Attention against a KV cache, for generation (FlashAttention 2's
@@ -295,7 +283,7 @@ def sparse_query_attention_with_kvcache(q, k_cache, v_cache, k=None, v=None, *, 
             raise ValueError(f"k must be [B, Lnew, Hkv, D] = [{B}, Lnew, {Hkv}, {D}], got {tuple(k.shape)}")
         if v.shape != k.shape:
             raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    cs = _cache_seqlens_tensor(cache_seqlens, q.shape[0], q.device)
+    cs = cache_seqlens_tensor(cache_seqlens, q.shape[0], q.device)
     if isinstance(cache_seqlens, int):
         lnew = 0 if k is None else k.shape[1]
         if cache_seqlens + lnew > k_cache.shape[1]:
