@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/cpu_workspace.h"
 #include "flash/flash_cpu.h"
 #include "routing/routing_api.h"
 
@@ -88,8 +89,22 @@ std::tuple<Tensor, Tensor, Tensor> routing_assign_cpu(const Tensor& q, const std
 
 // ---- segment space <-> tokens ----
 
+// Groups the entries r of one index list (ip[0 .. SW)) by token: token t's entries are
+// order[start[t] .. start[t + 1]), in ascending r (a stable counting sort). start has L + 1 slots.
+void group_by_token(const int* ip, int64_t SW, int64_t L, std::vector<int>& start, std::vector<int>& order) {
+  std::fill(start.begin(), start.end(), 0);
+  for (int64_t r = 0; r < SW; ++r) ++start[ip[r] + 1];
+  for (int64_t t = 0; t < L; ++t) start[t + 1] += start[t];
+  for (int64_t r = 0; r < SW; ++r) order[start[ip[r]]++] = static_cast<int>(r);  // start[t] -> end of t
+  for (int64_t t = L; t > 0; --t) start[t] = start[t - 1];
+  start[0] = 0;
+}
+
 // out[b, t, h, :] = sum (mean when `mean`) over the entries r of idx[b, h] (flattened [S*w]) with
 // idx == t of seg[b, r, h, :], in ascending r; tokens with no entry get 0. seg [B, S*w, H, D].
+// The entries are grouped by token first; then the threads take ranges of tokens, so each writes
+// its own pages of out (a fresh output: first-touch faults stay on one thread per page), and every
+// output row is gathered and written once.
 template <typename scalar_t, typename acc_t>
 void combine_impl(const Tensor& seg, const Tensor& idx, bool mean, Tensor& out) {
   const int64_t B = out.size(0), L = out.size(1), H = out.size(2), D = out.size(3);
@@ -98,24 +113,31 @@ void combine_impl(const Tensor& seg, const Tensor& idx, bool mean, Tensor& out) 
   const int* ip = idx.data_ptr<int>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const int64_t sb = seg.stride(0), sr = seg.stride(1), sh = seg.stride(2);
+  std::vector<int> start(B * H * (L + 1)), order(B * H * SW);
   at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<acc_t> acc(L * D);
-    std::vector<int> cnt(L);
+    std::vector<int> st(L + 1), ord(SW);
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::fill(cnt.begin(), cnt.end(), 0);
-      for (int64_t r = 0; r < SW; ++r) {
-        const int64_t t = ip[bh * SW + r];
-        ++cnt[t];
-        const scalar_t* src = sp + b * sb + r * sr + h * sh;
-        acc_t* dst = acc.data() + t * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] += static_cast<acc_t>(src[d]);
-      }
-      for (int64_t t = 0; t < L; ++t) {
-        scalar_t* dst = op + ((b * L + t) * H + h) * D;
-        const acc_t f = cnt[t] == 0 ? acc_t(0) : (mean ? acc_t(1) / static_cast<acc_t>(cnt[t]) : acc_t(1));
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[t * D + d] * f);
+      group_by_token(ip + bh * SW, SW, L, st, ord);
+      std::copy(st.begin(), st.end(), start.begin() + bh * (L + 1));
+      std::copy(ord.begin(), ord.end(), order.begin() + bh * SW);
+    }
+  });
+  at::parallel_for(0, B * L, 16, [&](int64_t bt0, int64_t bt1) {
+    std::vector<acc_t> acc(D);
+    for (int64_t bt = bt0; bt < bt1; ++bt) {
+      const int64_t b = bt / L, t = bt % L;
+      for (int64_t h = 0; h < H; ++h) {
+        const int* st = start.data() + (b * H + h) * (L + 1);
+        const int* ord = order.data() + (b * H + h) * SW;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int e = st[t]; e < st[t + 1]; ++e) {
+          const scalar_t* src = sp + b * sb + ord[e] * sr + h * sh;
+          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]);
+        }
+        const int n = st[t + 1] - st[t];
+        const acc_t f = n == 0 ? acc_t(0) : (mean ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1));
+        scalar_t* dst = op + (bt * H + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * f);
       }
     }
   });
@@ -131,35 +153,36 @@ Tensor combine(const Tensor& seg, const Tensor& idx, int64_t L, bool mean) {
   return out;
 }
 
-// dseg[b, r, h, :] = dout[b, idx[b, h, r], h, :] / count(token), count = entries of that token in idx[b, h].
-Tensor gather_dout(const Tensor& dout, const Tensor& idx) {
+// dseg[b, r, h, :] = dout[b, idx[b, h, r], h, :] / count(token), count = entries of that token in
+// idx[b, h]. dseg [B, S*w, H, D] is given (every row is written).
+void gather_dout(const Tensor& dout, const Tensor& idx, Tensor& dseg) {
   const int64_t B = dout.size(0), L = dout.size(1), H = dout.size(2), D = dout.size(3);
   const int64_t SW = idx.size(2) * idx.size(3);
-  Tensor dseg = at::empty({B, SW, H, D}, dout.options());
-  if (dseg.numel() == 0) return dseg;
+  if (dseg.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dout.scalar_type(), "routing_gather_dout", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = dout.data_ptr<scalar_t>();
     const int* ip = idx.data_ptr<int>();
     scalar_t* dp = dseg.data_ptr<scalar_t>();
     const int64_t gb = dout.stride(0), gr = dout.stride(1), gh = dout.stride(2);
+    const int64_t db = dseg.stride(0), dr = dseg.stride(1), dh = dseg.stride(2);
     at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-      std::vector<int> cnt(L);
+      std::vector<int> start(L + 1), order(SW);
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / H, h = bh % H;
-        std::fill(cnt.begin(), cnt.end(), 0);
-        for (int64_t r = 0; r < SW; ++r) ++cnt[ip[bh * SW + r]];
-        for (int64_t r = 0; r < SW; ++r) {
-          const int64_t t = ip[bh * SW + r];
-          const acc_t f = acc_t(1) / static_cast<acc_t>(cnt[t]);
+        group_by_token(ip + bh * SW, SW, L, start, order);
+        for (int64_t t = 0; t < L; ++t) {
+          if (start[t + 1] == start[t]) continue;
+          const acc_t f = acc_t(1) / static_cast<acc_t>(start[t + 1] - start[t]);
           const scalar_t* src = gp + b * gb + t * gr + h * gh;
-          scalar_t* dst = dp + ((b * SW + r) * H + h) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * f);
+          for (int e = start[t]; e < start[t + 1]; ++e) {
+            scalar_t* dst = dp + b * db + order[e] * dr + h * dh;
+            for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * f);
+          }
         }
       }
     });
   });
-  return dseg;
 }
 
 void check_cpu_qkv(const Tensor& q, const Tensor& k, const Tensor& v) {
@@ -249,10 +272,21 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
     if (dq.numel() > 0) run_core(g, dq, dk, dv);
     return {dq, dk, dv};
   }
-  Tensor dq_seg = at::zeros({s.B, rows_q, s.H, s.D}, opts);
-  Tensor dk_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
-  Tensor dv_seg = at::zeros({s.B, s.S * s.wk, s.H, s.D}, opts);
-  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) run_core(gather_dout(g, ix.q), dq_seg, dk_seg, dv_seg);
+  // Segment-space buffers from the thread's workspace: the core writes every row of dq_seg, dk_seg
+  // and dv_seg (routing has no compact gathers and no head groups), and gather_dout every row of dseg.
+  const auto dt = q.scalar_type();
+  Tensor dq_seg = cpu::workspace(0, {s.B, rows_q, s.H, s.D}, dt);
+  Tensor dk_seg = cpu::workspace(1, {s.B, s.S * s.wk, s.H, s.D}, dt);
+  Tensor dv_seg = cpu::workspace(2, {s.B, s.S * s.wk, s.H, s.D}, dt);
+  if (dq_seg.numel() > 0 && dk_seg.numel() > 0) {
+    Tensor dseg = cpu::workspace(3, {s.B, rows_q, s.H, s.D}, dt);
+    gather_dout(g, ix.q, dseg);
+    run_core(dseg, dq_seg, dk_seg, dv_seg);
+  } else {  // no query row or no key: every gradient is 0
+    dq_seg.zero_();
+    dk_seg.zero_();
+    dv_seg.zero_();
+  }
   return {combine(dq_seg, ix.q, s.L, false), combine(dk_seg, ix.k, s.L, false), combine(dv_seg, ix.k, s.L, false)};
 }
 
