@@ -7,6 +7,7 @@
 
 #include <limits>
 
+#include "common/cpu_workspace.h"
 #include "flash/flash_api.h"
 #include "flash/flash_cpu.h"
 #include "moh/moh_api.h"
@@ -108,9 +109,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moh_bwd_cpu(
   const at::Tensor idx = index_i32(head_idx), w = weight_acc(head_weight, q);
   const at::Tensor dout = dout_in.contiguous();
   // gradient of the unweighted head outputs (slot space) and of the weights: dO = w dY, dw = <dY, O>
-  at::Tensor dout_slot = at::empty({B, L, hq, D}, q.options());
+  // Slot-space buffers from the thread's workspace (uninitialised, like at::empty): only the rows of
+  // selected slots are written, and the core reads no others.
+  at::Tensor dout_slot = cpu::workspace(0, {B, L, hq, D}, q.scalar_type());
   at::Tensor dweight = at::zeros(idx.sizes(), w.options());
-  at::Tensor dq_slot = at::empty({B, L, hq, D}, q.options());
+  at::Tensor dq_slot = cpu::workspace(1, {B, L, hq, D}, q.scalar_type());
   at::Tensor dq = at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "moh_bwd_cpu", [&] {
