@@ -41,7 +41,6 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -52,6 +51,7 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_tasks.h"
 
 namespace attnkit::flash {
 namespace {
@@ -256,20 +256,6 @@ void kept_row(float* srow, const float* tb, const int32_t* tj, int n, float thr,
   if (cpu_has_avx2()) return kept_row_avx2(srow, tb, tj, n, thr, tie, lim, scale);
 #endif
   kept_row_impl(srow, tb, tj, n, thr, tie, lim, scale);
-}
-
-// Runs body(scratch, t) for every t in [0, n) on the intra-op threads; tasks go out in index order
-// from a shared counter; each thread makes its scratch once with make_scratch().
-template <typename MakeScratch, typename Body>
-void run_tasks(int64_t n, MakeScratch&& make_scratch, Body&& body) {
-  if (n <= 0) return;
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    const cpu::SingleThreadBlas single_thread_blas;
-    auto scratch = make_scratch();
-    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) body(scratch, t);
-  });
 }
 
 // Everything one (batch, segment, output head) needs, with the base pointers resolved.
@@ -536,7 +522,7 @@ void fwd_impl(const FlashParams& p) {
   const int64_t ntask = BS * p.h_out * nblk;
   const A neg_inf = -std::numeric_limits<A>::infinity();
 
-  run_tasks(
+  cpu::run_tasks(
       ntask, [&] { return FwdScratch<A>(D); },
       [&](FwdScratch<A>& w, int64_t t) {
         const int64_t blk = nblk - 1 - t % nblk;  // the last query blocks see the most keys: first
@@ -659,7 +645,7 @@ void bwd_impl(const FlashParams& p) {
   std::vector<A> db_part(colsums ? size_t(p.batch) * HO * rows_k : 0);
   const int64_t nblk = ceil_div(p.seqlen_q, kBlockM);
 
-  run_tasks(
+  cpu::run_tasks(
       BS * HO, [&] { return BwdScratch<A>(D, lk, colsums); },
       [&](BwdScratch<A>& w, int64_t t) {
         const int h = int(t % HO);

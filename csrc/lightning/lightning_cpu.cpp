@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/cpu_gemm.h"
+#include "common/cpu_tasks.h"
 #include "lightning/lightning_api.h"
 
 namespace attnkit::lightning {
@@ -283,17 +284,15 @@ void run_pass_typed(const PassParams& p) {
   const int64_t NH = int64_t(p.num_seqs) * p.num_heads;
   const int64_t nseg = p.num_segments;
   if (nseg > 1) {
-    at::parallel_for(0, NH * nseg, 1, [&](int64_t b, int64_t e) {
-      const cpu::SingleThreadBlas single_thread_blas;
-      for (int64_t u = b; u < e; ++u) run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), true);
+    cpu::run_tasks(NH * nseg, [&](int64_t u) {
+      run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), true);
     });
     at::parallel_for(0, NH, 1, [&](int64_t b, int64_t e) {
       for (int64_t u = b; u < e; ++u) run_scan<A>(p, int(u / p.num_heads), int(u % p.num_heads));
     });
   }
-  at::parallel_for(0, NH * nseg, 1, [&](int64_t b, int64_t e) {
-    const cpu::SingleThreadBlas single_thread_blas;
-    for (int64_t u = b; u < e; ++u) run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), false);
+  cpu::run_tasks(NH * nseg, [&](int64_t u) {
+    run_unit<T, A>(p, int(u / nseg / p.num_heads), int(u / nseg % p.num_heads), int(u % nseg), false);
   });
 }
 
