@@ -477,6 +477,7 @@ def test_cpu_targets_speed_and_thread_rows(monkeypatch):
                                                                      "sdpa-flash", 1.0)))
     monkeypatch.setattr(T, "SCALING_CASES", (("sqa", case.variant, 64, "fwd"),))
     monkeypatch.setattr(T, "SCALING_ROUNDS", 1)
+    monkeypatch.setattr(T, "REFERENCE_MM", 64)
     threads = torch.get_num_threads()
     rows = T.evaluate([res], Runner("cpu", FAST))
     assert torch.get_num_threads() == threads  # left as found
@@ -487,8 +488,15 @@ def test_cpu_targets_speed_and_thread_rows(monkeypatch):
         assert scale["value"] > 0 and scale["verdict"] in ("OK", "MISS") and "with 1 thread" in scale["detail"]
     else:
         assert scale["verdict"] == "not run"
+    ref = rows[3]
+    assert ref["target"].startswith("reference: torch.mm") and ref["goal"] is None
+    if threads >= 2:
+        assert ref["value"] > 0 and ref["verdict"] == "reference"
+    else:
+        assert ref["verdict"] == "not run"
     md = T.render(rows)
     assert md.count("\n| ") == len(rows) + 1 and ">= 0.00x" in md and "<= 0.60x" in md
+    assert "| reference: torch.mm" in md and " | - | " in md
 
 
 def test_decode_case_reports_bandwidth():

@@ -4,7 +4,10 @@ Two kinds of rows:
 - *speed*: attnkit's time against the baseline a CPU user would otherwise call, read from the cases
   the suite has just timed (the same numbers as the table's speedup column);
 - *threads*: attnkit's time on the op's target case with all of torch's threads against one thread,
-  timed here (the scaling the CPU kernels get from ``at::parallel_for``).
+  timed here (the scaling the CPU kernels get from ``at::parallel_for``);
+- *reference*: the same ratio for one large fp32 ``torch.mm`` (torch's BLAS), timed the same way and
+  without a goal. It is what this machine gives compute-bound code at the time of the run: on a
+  shared VM it drifts between runs, and a thread row near its goal reads against it.
 
 Each row carries its goal, so a regression reads as MISS in the printout, results.json and table.md.
 """
@@ -51,6 +54,7 @@ SCALING_CASES = (
 )
 SCALING_GOAL = 0.6  # time with 2 threads / time with 1 thread, at most
 SCALING_ROUNDS = 3
+REFERENCE_MM = 1024  # the reference row's square matrix size
 
 
 def _find(results, op, variant, L, mode):
@@ -64,6 +68,8 @@ def _find(results, op, variant, L, mode):
 def _row(label, value, goal, at_least, detail):
     if value is None:
         verdict = "not run"
+    elif goal is None:
+        verdict = "reference"
     else:
         verdict = "OK" if (value >= goal if at_least else value <= goal) else "MISS"
     return {"target": label, "value": value, "goal": goal, "at_least": at_least, "verdict": verdict, "detail": detail}
@@ -106,27 +112,46 @@ def scaling_rows(results, runner) -> list[dict]:
         torch.manual_seed(case.seed)
         inputs = case.make_inputs(case.mode == "fwd+bwd")
         fn = runner.callable_for(case, impl, inputs)
-        times = {1: float("inf"), n: float("inf")}
-        try:  # alternate, keeping each count's best median: a thread pool warming up or a load burst
-            for _ in range(SCALING_ROUNDS):  # on a shared machine then hurts neither side alone
-                for threads in (1, n):
-                    torch.set_num_threads(threads)
-                    times[threads] = min(times[threads], measure(fn, "cpu", runner.policy).median)
-        finally:
-            torch.set_num_threads(n)
+        times = _best_medians(fn, runner.policy, n)
         rows.append(_row(label, times[n] / times[1], SCALING_GOAL, False,
                          f"{times[1]:.1f} ms with 1 thread, {times[n]:.1f} ms with {n}"))
     return rows
 
 
+def _best_medians(fn, policy, n) -> dict[int, float]:
+    """Best median over SCALING_ROUNDS of fn with 1 and with n threads, the counts alternated so that
+    a thread pool warming up or a load burst on a shared machine hurts neither side alone."""
+    times = {1: float("inf"), n: float("inf")}
+    try:
+        for _ in range(SCALING_ROUNDS):
+            for threads in (1, n):
+                torch.set_num_threads(threads)
+                times[threads] = min(times[threads], measure(fn, "cpu", policy).median)
+    finally:
+        torch.set_num_threads(n)
+    return times
+
+
+def reference_row(runner) -> dict:
+    """Thread scaling of one fp32 torch.mm on this machine now: the ceiling the thread rows read against."""
+    n = torch.get_num_threads()
+    m = REFERENCE_MM
+    label = f"reference: torch.mm {m}x{m} fp32: {n} threads / 1 thread"
+    if n < 2:
+        return _row(label, None, None, False, "torch runs 1 thread")
+    a, b = torch.randn(m, m), torch.randn(m, m)
+    times = _best_medians(lambda: torch.mm(a, b), runner.policy, n)
+    return _row(label, times[n] / times[1], None, False, f"{times[1]:.1f} ms with 1 thread, {times[n]:.1f} ms with {n}")
+
+
 def evaluate(results, runner) -> list[dict]:
-    return speed_rows(results) + scaling_rows(results, runner)
+    return speed_rows(results) + scaling_rows(results, runner) + [reference_row(runner)]
 
 
 def render(rows: list[dict]) -> str:
     lines = ["### CPU targets", "", "| target | measured | goal | verdict | detail |", "|---|---|---|---|---|"]
     for r in rows:
         v = "-" if r["value"] is None else f"{r['value']:.2f}x"
-        goal = f"{'>=' if r['at_least'] else '<='} {r['goal']:.2f}x"
+        goal = "-" if r["goal"] is None else f"{'>=' if r['at_least'] else '<='} {r['goal']:.2f}x"
         lines.append(f"| {r['target']} | {v} | {goal} | {r['verdict']} | {r['detail']} |")
     return "\n".join(lines)
