@@ -53,7 +53,7 @@ SCALING_CASES = (
     ("moh", "50% active 4/8 causal", 2048, "fwd"),
 )
 SCALING_GOAL = 0.6  # time with 2 threads / time with 1 thread, at most
-SCALING_ROUNDS = 3
+SCALING_ROUNDS = 5
 REFERENCE_MM = 1024  # the reference row's square matrix size
 
 
