@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -89,94 +90,114 @@ std::tuple<Tensor, Tensor, Tensor> routing_assign_cpu(const Tensor& q, const std
 
 // ---- segment space <-> tokens ----
 
-// Groups the entries r of one index list (ip[0 .. SW)) by token: token t's entries are
-// order[start[t] .. start[t + 1]), in ascending r (a stable counting sort). start has L + 1 slots.
-void group_by_token(const int* ip, int64_t SW, int64_t L, std::vector<int>& start, std::vector<int>& order) {
-  std::fill(start.begin(), start.end(), 0);
-  for (int64_t r = 0; r < SW; ++r) ++start[ip[r] + 1];
-  for (int64_t t = 0; t < L; ++t) start[t + 1] += start[t];
-  for (int64_t r = 0; r < SW; ++r) order[start[ip[r]]++] = static_cast<int>(r);  // start[t] -> end of t
-  for (int64_t t = L; t > 0; --t) start[t] = start[t - 1];
-  start[0] = 0;
-}
+// The entries r of an index tensor idx [B, H, S, w] (flattened per (b, h) to [S*w]) grouped by
+// token: in row bh = b * H + h, token t's entries are ord(bh)[st(bh)[t] .. st(bh)[t + 1]), in
+// ascending r (a stable counting sort).
+struct TokenGroups {
+  int64_t L = 0, SW = 0;
+  std::vector<int> start, order;  // [B*H][L + 1], [B*H][SW]
+  const int* st(int64_t bh) const { return start.data() + bh * (L + 1); }
+  const int* ord(int64_t bh) const { return order.data() + bh * SW; }
+};
 
-// out[b, t, h, :] = sum (mean when `mean`) over the entries r of idx[b, h] (flattened [S*w]) with
-// idx == t of seg[b, r, h, :], in ascending r; tokens with no entry get 0. seg [B, S*w, H, D].
-// The entries are grouped by token first; then the threads take ranges of tokens, so each writes
-// its own pages of out (a fresh output: first-touch faults stay on one thread per page), and every
-// output row is gathered and written once.
-template <typename scalar_t, typename acc_t>
-void combine_impl(const Tensor& seg, const Tensor& idx, bool mean, Tensor& out) {
-  const int64_t B = out.size(0), L = out.size(1), H = out.size(2), D = out.size(3);
-  const int64_t SW = idx.size(2) * idx.size(3);
-  const scalar_t* sp = seg.data_ptr<scalar_t>();
+TokenGroups group_tokens(const Tensor& idx, int64_t L) {
+  TokenGroups g;
+  const int64_t BH = idx.size(0) * idx.size(1);
+  g.L = L;
+  g.SW = idx.size(2) * idx.size(3);
+  g.start.assign(BH * (L + 1), 0);
+  g.order.resize(BH * g.SW);
   const int* ip = idx.data_ptr<int>();
-  scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t sb = seg.stride(0), sr = seg.stride(1), sh = seg.stride(2);
-  std::vector<int> start(B * H * (L + 1)), order(B * H * SW);
-  at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-    std::vector<int> st(L + 1), ord(SW);
+  at::parallel_for(0, BH, 1, [&](int64_t bh0, int64_t bh1) {
     for (int64_t bh = bh0; bh < bh1; ++bh) {
-      group_by_token(ip + bh * SW, SW, L, st, ord);
-      std::copy(st.begin(), st.end(), start.begin() + bh * (L + 1));
-      std::copy(ord.begin(), ord.end(), order.begin() + bh * SW);
+      const int* row = ip + bh * g.SW;
+      int* st = g.start.data() + bh * (L + 1);
+      int* ord = g.order.data() + bh * g.SW;
+      for (int64_t r = 0; r < g.SW; ++r) ++st[row[r] + 1];
+      for (int64_t t = 0; t < L; ++t) st[t + 1] += st[t];
+      for (int64_t r = 0; r < g.SW; ++r) ord[st[row[r]]++] = static_cast<int>(r);  // st[t] -> end of t
+      for (int64_t t = L; t > 0; --t) st[t] = st[t - 1];
+      st[0] = 0;
     }
   });
+  return g;
+}
+
+// For each pair (seg, out): out[b, t, h, :] = sum (mean when `mean`) over token t's entries r in
+// row (b, h) of seg[b, r, h, :], in ascending r; tokens with no entry get 0. seg [B, S*w, H, D],
+// out [B, L, H, D] contiguous. The threads take ranges of tokens, so each writes its own pages of
+// the outputs (fresh tensors: one thread first-touches a page), and every output row is gathered
+// and written once.
+template <typename scalar_t, typename acc_t, size_t N>
+void combine_impl(const TokenGroups& g, const std::array<const Tensor*, N>& segs, const std::array<Tensor*, N>& outs,
+                  bool mean) {
+  const int64_t B = outs[0]->size(0), L = outs[0]->size(1), H = outs[0]->size(2), D = outs[0]->size(3);
   at::parallel_for(0, B * L, 16, [&](int64_t bt0, int64_t bt1) {
     std::vector<acc_t> acc(D);
     for (int64_t bt = bt0; bt < bt1; ++bt) {
       const int64_t b = bt / L, t = bt % L;
       for (int64_t h = 0; h < H; ++h) {
-        const int* st = start.data() + (b * H + h) * (L + 1);
-        const int* ord = order.data() + (b * H + h) * SW;
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int e = st[t]; e < st[t + 1]; ++e) {
-          const scalar_t* src = sp + b * sb + ord[e] * sr + h * sh;
-          for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]);
-        }
+        const int* st = g.st(b * H + h);
+        const int* ord = g.ord(b * H + h);
         const int n = st[t + 1] - st[t];
         const acc_t f = n == 0 ? acc_t(0) : (mean ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1));
-        scalar_t* dst = op + (bt * H + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * f);
+        for (size_t x = 0; x < N; ++x) {
+          const Tensor& seg = *segs[x];
+          const scalar_t* sp = seg.data_ptr<scalar_t>() + b * seg.stride(0) + h * seg.stride(2);
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int e = st[t]; e < st[t + 1]; ++e) {
+            const scalar_t* src = sp + ord[e] * seg.stride(1);
+            for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]);
+          }
+          const Tensor& out = *outs[x];
+          scalar_t* dst = out.data_ptr<scalar_t>() + (bt * H + h) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * f);
+        }
       }
     }
   });
 }
 
-Tensor combine(const Tensor& seg, const Tensor& idx, int64_t L, bool mean) {
-  Tensor out = at::empty({seg.size(0), L, seg.size(2), seg.size(3)}, seg.options());
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, seg.scalar_type(), "routing_combine", [&] {
+// The token-space tensors of segment-space ones that share one index (see combine_impl).
+template <size_t N>
+std::array<Tensor, N> combine(const TokenGroups& g, const std::array<const Tensor*, N>& segs, bool mean) {
+  std::array<Tensor, N> outs;
+  std::array<Tensor*, N> out_ptrs;
+  for (size_t x = 0; x < N; ++x) {
+    const Tensor& seg = *segs[x];
+    outs[x] = at::empty({seg.size(0), g.L, seg.size(2), seg.size(3)}, seg.options());
+    out_ptrs[x] = &outs[x];
+  }
+  if (outs[0].numel() == 0) return outs;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, segs[0]->scalar_type(), "routing_combine", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    combine_impl<scalar_t, acc_t>(seg, idx, mean, out);
+    combine_impl<scalar_t, acc_t, N>(g, segs, out_ptrs, mean);
   });
-  return out;
+  return outs;
 }
 
-// dseg[b, r, h, :] = dout[b, idx[b, h, r], h, :] / count(token), count = entries of that token in
-// idx[b, h]. dseg [B, S*w, H, D] is given (every row is written).
-void gather_dout(const Tensor& dout, const Tensor& idx, Tensor& dseg) {
+// dseg[b, r, h, :] = dout[b, t, h, :] / (entries of token t in row (b, h)) for each entry r of
+// token t. dseg [B, S*w, H, D] is given; every row is written (each r is the entry of one token).
+void gather_dout(const Tensor& dout, const TokenGroups& g, Tensor& dseg) {
   const int64_t B = dout.size(0), L = dout.size(1), H = dout.size(2), D = dout.size(3);
-  const int64_t SW = idx.size(2) * idx.size(3);
   if (dseg.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dout.scalar_type(), "routing_gather_dout", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* gp = dout.data_ptr<scalar_t>();
-    const int* ip = idx.data_ptr<int>();
     scalar_t* dp = dseg.data_ptr<scalar_t>();
     const int64_t gb = dout.stride(0), gr = dout.stride(1), gh = dout.stride(2);
     const int64_t db = dseg.stride(0), dr = dseg.stride(1), dh = dseg.stride(2);
-    at::parallel_for(0, B * H, 1, [&](int64_t bh0, int64_t bh1) {
-      std::vector<int> start(L + 1), order(SW);
-      for (int64_t bh = bh0; bh < bh1; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        group_by_token(ip + bh * SW, SW, L, start, order);
-        for (int64_t t = 0; t < L; ++t) {
-          if (start[t + 1] == start[t]) continue;
-          const acc_t f = acc_t(1) / static_cast<acc_t>(start[t + 1] - start[t]);
+    at::parallel_for(0, B * L, 16, [&](int64_t bt0, int64_t bt1) {
+      for (int64_t bt = bt0; bt < bt1; ++bt) {
+        const int64_t b = bt / L, t = bt % L;
+        for (int64_t h = 0; h < H; ++h) {
+          const int* st = g.st(b * H + h);
+          const int* ord = g.ord(b * H + h);
+          if (st[t + 1] == st[t]) continue;
+          const acc_t f = acc_t(1) / static_cast<acc_t>(st[t + 1] - st[t]);
           const scalar_t* src = gp + b * gb + t * gr + h * gh;
-          for (int e = start[t]; e < start[t + 1]; ++e) {
-            scalar_t* dst = dp + b * db + order[e] * dr + h * dh;
+          for (int e = st[t]; e < st[t + 1]; ++e) {
+            scalar_t* dst = dp + b * db + ord[e] * dr + h * dh;
             for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(static_cast<acc_t>(src[d]) * f);
           }
         }
@@ -234,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> routing_fwd_cpu(const Tensor& q, const Tensor
     f.core.zero_();
     f.lse.fill_(-std::numeric_limits<float>::infinity());
   }
-  if (s.indexed) f.out = combine(f.out_seg, ix.q, s.L, /*mean=*/true);
+  if (s.indexed) f.out = combine<1>(group_tokens(ix.q, s.L), {&f.out_seg}, /*mean=*/true)[0];
   return {f.out, f.out_seg, f.lse};
 }
 
@@ -278,16 +299,19 @@ std::tuple<Tensor, Tensor, Tensor> routing_bwd_cpu(const Tensor& dout, const Ten
   Tensor dq_seg = cpu::workspace(0, {s.B, rows_q, s.H, s.D}, dt);
   Tensor dk_seg = cpu::workspace(1, {s.B, s.S * s.wk, s.H, s.D}, dt);
   Tensor dv_seg = cpu::workspace(2, {s.B, s.S * s.wk, s.H, s.D}, dt);
+  const TokenGroups gq = group_tokens(ix.q, s.L), gk = group_tokens(ix.k, s.L);
   if (dq_seg.numel() > 0 && dk_seg.numel() > 0) {
     Tensor dseg = cpu::workspace(3, {s.B, rows_q, s.H, s.D}, dt);
-    gather_dout(g, ix.q, dseg);
+    gather_dout(g, gq, dseg);
     run_core(dseg, dq_seg, dk_seg, dv_seg);
   } else {  // no query row or no key: every gradient is 0
     dq_seg.zero_();
     dk_seg.zero_();
     dv_seg.zero_();
   }
-  return {combine(dq_seg, ix.q, s.L, false), combine(dk_seg, ix.k, s.L, false), combine(dv_seg, ix.k, s.L, false)};
+  auto [dq] = combine<1>(gq, {&dq_seg}, false);
+  auto [dk, dv] = combine<2>(gk, {&dk_seg, &dv_seg}, false);
+  return {dq, dk, dv};
 }
 
 // ---- online k-means ----
