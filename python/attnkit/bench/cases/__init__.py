@@ -186,6 +186,29 @@ def _randn(shape, gen, device, dtype, requires_grad=False, std=1.0):
     return t.requires_grad_(requires_grad)
 
 
+def decode_inputs(seed: int, *, B: int, Lk: int, Hq: int, Hkv: int, D: int, device: str, dtype,
+                  bias: bool = False) -> dict:
+    """One decode step's inputs: q [B, 1, Hq, D]; K/V caches [B, Lk + 64, Hkv, D] with Lk valid rows
+    (cache_seqlens), and with ``bias`` a float32 per-key bias cache [B, Hkv, Lk + 64]."""
+    g = _gen(seed)
+    lmax = Lk + 64
+    inp = {
+        "q": _randn((B, 1, Hq, D), g, device, dtype),
+        "k_cache": _randn((B, lmax, Hkv, D), g, device, dtype),
+        "v_cache": _randn((B, lmax, Hkv, D), g, device, dtype),
+    }
+    if bias:
+        inp["bias_cache"] = _randn((B, Hkv, lmax), g, device, torch.float32)
+    inp["cache_seqlens"] = torch.full((B,), Lk, dtype=torch.int32, device=device)
+    inp["scale"] = D**-0.5
+    return inp
+
+
+def decode_batches(cfg: SuiteConfig) -> list[int]:
+    """The decode cases' batch sizes: 1 and 8, or --batch."""
+    return [1, 8] if cfg.batch is None else [cfg.batch]
+
+
 def causal_pairs(lq: int, lk: int, causal: bool) -> int:
     """Number of (query, key) pairs attention computes, bottom-right aligned when causal."""
     if not causal:

@@ -10,9 +10,7 @@ function: the gate compares it).
 
 from __future__ import annotations
 
-import torch
-
-from . import Case, Impl, SuiteConfig, _elt, _gen, _randn, attnkit_module, register
+from . import Case, Impl, SuiteConfig, _elt, attnkit_module, decode_batches, decode_inputs, register, seqlens
 from .. import baselines as bl
 
 KEEP = 256
@@ -22,18 +20,9 @@ def dma_decode_case(*, B: int, Lk: int, Hq: int, Hkv: int, D: int, keep: int, dt
                     cfg: SuiteConfig | None = None) -> Case:
     cfg = cfg or SuiteConfig(device=device, dtype=dtype)
     scale = D ** -0.5
-    lmax = Lk + 64
 
     def make_inputs(requires_grad: bool):
-        g = _gen(case.seed)
-        return {
-            "q": _randn((B, 1, Hq, D), g, device, dtype, False),
-            "k_cache": _randn((B, lmax, Hkv, D), g, device, dtype, False),
-            "v_cache": _randn((B, lmax, Hkv, D), g, device, dtype, False),
-            "bias_cache": _randn((B, Hkv, lmax), g, device, torch.float32, False),
-            "cache_seqlens": torch.full((B,), Lk, dtype=torch.int32, device=device),
-            "scale": scale,
-        }
+        return decode_inputs(case.seed, B=B, Lk=Lk, Hq=Hq, Hkv=Hkv, D=D, device=device, dtype=dtype, bias=True)
 
     def op_make(inp):
         ak = attnkit_module()
@@ -71,11 +60,6 @@ def dma_decode_case(*, B: int, Lk: int, Hq: int, Hkv: int, D: int, keep: int, dt
 @register("dma-decode", "DMA KV-cache decode", ("dynamic_mask_attention_with_kvcache",))
 def dma_decode_cases(cfg: SuiteConfig) -> list[Case]:
     D = cfg.head_dim or (128 if cfg.gpu else 64)
-    if cfg.seqlens:
-        Ls = list(cfg.seqlens)
-    elif cfg.gpu:
-        Ls = [4096, 32768] if cfg.quick else [4096, 16384, 32768]
-    else:
-        Ls = [4096]
+    Ls = seqlens(cfg, gpu=[4096, 16384, 32768], cpu=[4096], gpu_quick=[4096, 32768], cpu_quick=[4096])
     return [dma_decode_case(B=B, Lk=Lk, Hq=32, Hkv=8, D=D, keep=KEEP, dtype=cfg.dtype, device=cfg.device, cfg=cfg)
-            for B in ([1, 8] if cfg.batch is None else [cfg.batch]) for Lk in Ls]
+            for B in decode_batches(cfg) for Lk in Ls]
