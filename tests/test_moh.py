@@ -172,6 +172,27 @@ def test_hypothesis_shapes(B, L, hkv, grp, D, kfrac, empty, causal, seed):
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-6)
 
 
+def test_cpu_backward_gradients_outlive_its_scratch():
+    # The CPU backward keeps its slot-space scratch between calls: the gradients it returns must be
+    # tensors of their own, unchanged by later calls of the same and of another shape.
+    def grads(L, dout_seed):
+        q, k, v, idx, w = make_inputs(1, L, 4, 2, 16, 2, torch.float32, "cpu", seed=3)
+        q, k, v, w = (_leaf(t) for t in (q, k, v, w))
+        out = attnkit.mixture_of_heads_attention(q, k, v, idx, w, causal=True)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed))
+        return torch.autograd.grad(out, (q, k, v, w), dout)
+
+    first = grads(200, 0)
+    kept = [g.clone() for g in first]
+    second = grads(200, 1)
+    grads(90, 2)
+    for a, b, c in zip(first, kept, second):
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, c)
+    for a, b in zip(grads(200, 0), kept):
+        assert torch.equal(a, b)
+
+
 def test_lists_follow_positions():
     """The residual lists: per (b, h) the tokens that selected h, ascending; slot points back."""
     q, k, v, idx, w = make_inputs(2, 300, 6, 2, 16, 3, torch.float32, "cpu", seed=9, empty_frac=0.2)

@@ -317,6 +317,28 @@ def test_deterministic_flag_and_repeatability(device):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
+def test_cpu_backward_gradients_outlive_its_scratch():
+    # The CPU backward keeps its segment-space scratch between calls: the gradients it returns must be
+    # tensors of their own, unchanged by later calls of the same and of another shape.
+    def grads(L, seed, dout_seed):
+        q, k, v = (_leaf(t) for t in _qkv(1, L, 2, 32, torch.float32, "cpu", seed=seed))
+        q_idx, k_idx = attnkit.routing_assign(q.detach(), k.detach(), _centroids(2, 4, 32, "cpu"),
+                                              cluster_size=L // 2, shared_qk=False)
+        out = attnkit.routing_attention(q, k, v, q_idx, k_idx, shared_qk=False)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(dout_seed))
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first = grads(300, 12, 0)
+    kept = [g.clone() for g in first]
+    second = grads(300, 12, 1)  # same shape, so the same scratch, other values
+    grads(200, 5, 2)  # a smaller shape
+    for a, b, c in zip(first, kept, second):
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, c)
+    for a, b in zip(grads(300, 12, 0), kept):  # and the scratch holds no state: the same call, the same result
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_kmeans_update_is_deterministic(device):
     x = torch.randn(4000, 2, 32, device=device)
