@@ -132,6 +132,16 @@ template <typename scalar_t, typename acc_t, size_t N>
 void combine_impl(const TokenGroups& g, const std::array<const Tensor*, N>& segs, const std::array<Tensor*, N>& outs,
                   bool mean) {
   const int64_t B = outs[0]->size(0), L = outs[0]->size(1), H = outs[0]->size(2), D = outs[0]->size(3);
+  std::array<const scalar_t*, N> sp;
+  std::array<int64_t, N> sb, sr, sh;
+  std::array<scalar_t*, N> op;
+  for (size_t x = 0; x < N; ++x) {
+    sp[x] = segs[x]->template data_ptr<scalar_t>();
+    sb[x] = segs[x]->stride(0);
+    sr[x] = segs[x]->stride(1);
+    sh[x] = segs[x]->stride(2);
+    op[x] = outs[x]->template data_ptr<scalar_t>();
+  }
   at::parallel_for(0, B * L, 16, [&](int64_t bt0, int64_t bt1) {
     std::vector<acc_t> acc(D);
     for (int64_t bt = bt0; bt < bt1; ++bt) {
@@ -142,15 +152,13 @@ void combine_impl(const TokenGroups& g, const std::array<const Tensor*, N>& segs
         const int n = st[t + 1] - st[t];
         const acc_t f = n == 0 ? acc_t(0) : (mean ? acc_t(1) / static_cast<acc_t>(n) : acc_t(1));
         for (size_t x = 0; x < N; ++x) {
-          const Tensor& seg = *segs[x];
-          const scalar_t* sp = seg.data_ptr<scalar_t>() + b * seg.stride(0) + h * seg.stride(2);
+          const scalar_t* base = sp[x] + b * sb[x] + h * sh[x];
           std::fill(acc.begin(), acc.end(), acc_t(0));
           for (int e = st[t]; e < st[t + 1]; ++e) {
-            const scalar_t* src = sp + ord[e] * seg.stride(1);
+            const scalar_t* src = base + ord[e] * sr[x];
             for (int64_t d = 0; d < D; ++d) acc[d] += static_cast<acc_t>(src[d]);
           }
-          const Tensor& out = *outs[x];
-          scalar_t* dst = out.data_ptr<scalar_t>() + (bt * H + h) * D;
+          scalar_t* dst = op[x] + (bt * H + h) * D;
           for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(acc[d] * f);
         }
       }
