@@ -1,6 +1,6 @@
 """The CPU path's performance targets, evaluated at the end of a CPU run of ``python -m attnkit.bench``.
 
-Two kinds of rows:
+Three kinds of rows:
 - *speed*: attnkit's time against the baseline a CPU user would otherwise call, read from the cases
   the suite has just timed (the same numbers as the table's speedup column);
 - *threads*: attnkit's time on the op's target case with all of torch's threads against one thread,
