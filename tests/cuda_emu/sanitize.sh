@@ -49,19 +49,29 @@ case "$harness" in quick | all | selftest | flash | lightning | ops) ;; *)
   ;;
 esac
 
-# run LABEL CMD...: the command under both schedules
+# run LABEL CMD...: the command under both schedules, the two runs side by side (each is mostly
+# one busy thread: the emulator runs one warp at a time)
 run() {
   local label=$1
   shift
-  local sched order rc
-  for sched in warps:fwd warps-rev:rev; do
+  local scheds=(warps:fwd warps-rev:rev) pids=() rcs=() i sched order rc
+  local t0=$SECONDS
+  for i in 0 1; do
+    sched=${scheds[$i]}
+    EMU_SCHEDULE=${sched%%:*} EMU_BLOCK_ORDER=${sched#*:} "$@" >"$out/last$i.log" 2>&1 &
+    pids[$i]=$!
+  done
+  for i in 0 1; do
+    wait "${pids[$i]}"
+    rcs[$i]=$?
+  done
+  for i in 0 1; do
+    sched=${scheds[$i]}
     order=${sched#*:}
     sched=${sched%%:*}
-    local t0=$SECONDS
-    EMU_SCHEDULE=$sched EMU_BLOCK_ORDER=$order "$@" >"$out/last.log" 2>&1
-    rc=$?
+    rc=${rcs[$i]}
     if ((rc == 0)); then
-      echo "ok   $label [$sched, blocks $order] ($((SECONDS - t0))s)"
+      echo "ok   $label [$sched, blocks $order] ($((SECONDS - t0))s, both schedules side by side)"
     else
       failures=$((failures + 1))
       local why="wrong result"
@@ -69,7 +79,7 @@ run() {
       ((rc == 66)) && why="global race finding"
       ((rc > 128)) && why="crashed (signal $((rc - 128)))"
       echo "FAIL $label [$sched, blocks $order]: $why (exit $rc); log:"
-      grep -E "FAIL|ERROR|EMU SANITIZER|runtime error|SUMMARY|^    #[0-9] " "$out/last.log" | head -40 | sed 's/^/    /'
+      grep -E "FAIL|ERROR|EMU SANITIZER|runtime error|SUMMARY|^    #[0-9] " "$out/last$i.log" | head -40 | sed 's/^/    /'
     fi
   done
 }
@@ -124,9 +134,26 @@ if want selftest; then
   fi
 fi
 
+# the flash and lightning harnesses build side by side (one compiler each), logs in $out
 if want flash; then
-  build_flash
-  if built flash $?; then
+  build_flash >"$out/flash_build.log" 2>&1 &
+  flash_build=$!
+fi
+if want lightning; then
+  build_lightning >"$out/lightning_build.log" 2>&1 &
+  lightning_build=$!
+fi
+# built_bg NAME PID LOG: waits for a background build, then as `built`, with the log's tail on failure
+built_bg() {
+  wait "$2"
+  built "$1" $? || {
+    tail -30 "$3" | sed 's/^/    /'
+    return 1
+  }
+}
+
+if want flash; then
+  if built_bg flash "$flash_build" "$out/flash_build.log"; then
     if ((quick)); then
       # forward (three key blocks: stages refilled), delta, backward (two query blocks, fp32-atomic
       # and sliced dq), dq epilogue, several blocks per launch
@@ -142,8 +169,7 @@ if want flash; then
 fi
 
 if want lightning; then
-  build_lightning
-  if built lightning $?; then
+  if built_bg lightning "$lightning_build" "$out/lightning_build.log"; then
     if ((quick)); then
       run "lightning bf16/bt64 fwd (pass, scan)" "$out/lightning_emu_test" "bf16/bt64/fwd odd dims dk40 dv24 L100 splits3"
       run "lightning bf16/bt32 deriv (pass, scan, dslopes)" "$out/lightning_emu_test" "bf16/bt32/deriv varlen splits3"
