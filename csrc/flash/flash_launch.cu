@@ -29,16 +29,32 @@ ATTNKIT_DECLARE_FLASH_D(256)
 
 namespace {
 
+// The row of a one-warp-per-row kernel over [batch][h_out][rows_per_head], in that order:
+// wid = (b * h_out + h) * rows_per_head + row. valid is false for the warps past the last row.
+struct WarpRow {
+  int64_t wid, total, row;
+  int b, h, lane;
+  bool valid;
+};
+__device__ __forceinline__ WarpRow warp_row(const FlashParams& p, int64_t rows_per_head) {
+  WarpRow w;
+  w.wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  w.lane = threadIdx.x & 31;
+  w.total = int64_t(p.batch) * p.h_out * rows_per_head;
+  w.valid = w.wid < w.total;
+  w.row = w.wid % rows_per_head;
+  w.h = int((w.wid / rows_per_head) % p.h_out);
+  w.b = int(w.wid / (rows_per_head * p.h_out));
+  return w;
+}
+
 // One warp per (batch, output head, row): delta = sum_d dO * O in fp32.
 template <typename T>
 __global__ void flash_bwd_delta_kernel(const FlashParams p, int64_t rows_per_head) {
-  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  const int64_t total = int64_t(p.batch) * p.h_out * rows_per_head;
-  if (wid >= total) return;
-  const int64_t row = wid % rows_per_head;
-  const int h = int((wid / rows_per_head) % p.h_out);
-  const int b = int(wid / (rows_per_head * p.h_out));
+  const WarpRow wr = warp_row(p, rows_per_head);
+  if (!wr.valid) return;
+  const int64_t row = wr.row;
+  const int h = wr.h, b = wr.b, lane = wr.lane;
   if (p.q_count && row >= p.q_count[int64_t(b) * p.h_out + h]) return;  // not computed by the forward
   const T* o = static_cast<const T*>(p.o) + b * p.o_batch_stride + h * p.o_head_stride + row * p.o_row_stride;
   const T* d = static_cast<const T*>(p.dout) + b * p.do_batch_stride + h * p.do_head_stride + row * p.do_row_stride;
@@ -72,13 +88,10 @@ template <typename T>
 __global__ void flash_fwd_combine_kernel(const FlashParams p, int64_t rows_per_head) {
   constexpr int kPerLane = kFlashMaxSplits / 32;  // lse_s values each lane reduces
   constexpr int kCols = 256 / 32;                 // head-dim columns each lane owns (head_dim <= 256)
-  const int64_t wid = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  const int64_t total = int64_t(p.batch) * p.h_out * rows_per_head;
-  if (wid >= total) return;
-  const int64_t row = wid % rows_per_head;
-  const int h = int((wid / rows_per_head) % p.h_out);
-  const int b = int(wid / (rows_per_head * p.h_out));
+  const WarpRow wr = warp_row(p, rows_per_head);
+  if (!wr.valid) return;
+  const int64_t wid = wr.wid, total = wr.total, row = wr.row;
+  const int h = wr.h, b = wr.b, lane = wr.lane;
   const int n = p.num_splits;
   const int64_t split_stride = total;  // lse_accum elements per split; o_accum has head_dim times more
   const float* ls = p.lse_accum + wid;  // wid is (b * h_out + h) * rows + row: the workspace order
